@@ -1,0 +1,7 @@
+"""iw-relay: a WebSocket relay for real-time collaborative editing (Twisted + Autobahn)."""
+
+from iw_relay.config import RelayConfig
+from iw_relay.service import RelayService
+
+__version__ = "0.1.0"
+__all__ = ["RelayConfig", "RelayService", "__version__"]

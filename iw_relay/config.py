@@ -1,0 +1,147 @@
+"""RelayConfig: every setting, its default and its validation.
+
+Durations ("500ms", "30s", "24h") and sizes ("64KiB", "1MiB") are parsed here so that the
+command line, the environment and embedding code all share one set of rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "1.5s", "500ms", "30m", "24h" or "7d"."""
+    match = _NUMBER_WITH_UNIT.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or (unit not in _DURATION_UNITS and unit != ""):
+        raise ValueError(f"{text!r} is not a duration (e.g. 500ms, 30s, 10m, 24h, 1d)")
+    return float(match.group(1)) * _DURATION_UNITS.get(unit, 1.0)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "65536", "64KiB" or "1MiB"."""
+    match = _NUMBER_WITH_UNIT.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 65536, 64KiB, 1MiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{text!r} must be at least 1")
+    return value
+
+
+def _choice(allowed: tuple[str, ...]):
+    def parse(text: str) -> str:
+        value = str(text).strip().lower()
+        if value == "warning":
+            value = "warn"
+        if value not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError(f"{text!r} must be at least one byte")
+    return value
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """All of the relay's settings, already validated; durations in seconds."""
+
+    ports: tuple[str, ...] = ("tcp:3000",)
+    rate_limit: int = 100
+    rate_window: float = 1.0
+    room_expiry: float = 24 * 3600.0
+    cleanup_interval: float = 3600.0
+    max_message_size: int = 1024 * 1024
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            raise ValueError("at least one --port is needed")
+        for name in ("rate_window", "room_expiry", "cleanup_interval", "ping_timeout",
+                     "handshake_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be longer than zero")
+        if self.ping_interval < 0:
+            raise ValueError("ping_interval must not be negative")
+        if self.rate_limit < 1 or self.max_message_size < 1:
+            raise ValueError("rate_limit and max_message_size must be at least 1")
+        if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
+            raise ValueError("unknown log level or format")
+
+    def replace(self, **changes: object) -> RelayConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# option name -> (RelayConfig field, parser). The option name is also the environment
+# variable's: IWRELAY_ + upper case, dashes as underscores.
+OPTION_PARSERS = {
+    "rate-limit": ("rate_limit", parse_positive_int),
+    "rate-window": ("rate_window", _positive_duration),
+    "room-expiry": ("room_expiry", _positive_duration),
+    "cleanup-interval": ("cleanup_interval", _positive_duration),
+    "max-message-size": ("max_message_size", _positive_size),
+    "ping-interval": ("ping_interval", parse_duration),
+    "ping-timeout": ("ping_timeout", _positive_duration),
+    "handshake-timeout": ("handshake_timeout", _positive_duration),
+    "shutdown-timeout": ("shutdown_timeout", _positive_duration),
+    "log-level": ("log_level", _choice(LOG_LEVELS)),
+    "log-format": ("log_format", _choice(LOG_FORMATS)),
+}
+
+
+def env_name(option: str) -> str:
+    return "IWRELAY_" + option.upper().replace("-", "_")
+
+
+def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Option values (unparsed) that the environment gives, by option name.
+
+    `IWRELAY_*` first; then the original relay's own variables where those are unset:
+    `PORT` (a TCP port number), `LOG_LEVEL`, and `NODE_ENV=production` for JSON logs.
+    """
+    found = {opt: environ[env_name(opt)] for opt in OPTION_PARSERS if env_name(opt) in environ}
+    if env_name("port") in environ:
+        found["port"] = environ[env_name("port")]
+    elif environ.get("PORT"):
+        found["port"] = "tcp:" + environ["PORT"].strip()
+    if "log-level" not in found and environ.get("LOG_LEVEL"):
+        found["log-level"] = environ["LOG_LEVEL"]
+    if "log-format" not in found and environ.get("NODE_ENV") == "production":
+        found["log-format"] = "json"
+    return found

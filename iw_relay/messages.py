@@ -1,0 +1,131 @@
+"""What goes over the wire: server message builders, error and close codes, JSON.
+
+Client JSON is decoded with the standard library because it accepts the lone surrogate
+escapes ("\\ud83d") that an editor produces when an operation splits an emoji, and
+re-encodes them as the same escapes (ensure_ascii), so peers get them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Error codes sent in {"type": "error", "code": ...}.
+PARSE_ERROR = "PARSE_ERROR"
+INVALID_MESSAGE = "INVALID_MESSAGE"
+RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+
+# WebSocket close codes used by the relay.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
+
+ROOM_ID_REQUIRED = "Room ID required. Use /room/{roomId} or /?room={roomId}"
+ROOM_ID_INVALID = (
+    "Invalid room ID format. Use alphanumeric characters, dash, or underscore only."
+)
+SHUTDOWN_REASON = "Server shutting down"
+SHUTDOWN_MESSAGE = "Server is shutting down"
+INTERNAL_ERROR_REASON = "Internal server error"
+
+PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
+INVALID_MESSAGE_MESSAGE = "Message must have a type field"
+
+
+class MessageError(Exception):
+    """A client message that is refused; `code` is the error code sent back."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact, ASCII-only JSON: lone surrogates stay valid \\u escapes."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def decode_client_message(payload: bytes) -> dict[str, Any]:
+    """The client's JSON object; MessageError when it is not one the relay accepts."""
+    try:
+        message = _decoder.decode(payload.decode("utf-8"))
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8, bad JSON, NaN/Infinity, numbers out of range.
+        raise MessageError(PARSE_ERROR, PARSE_ERROR_MESSAGE) from None
+    if not isinstance(message, dict):
+        raise MessageError(INVALID_MESSAGE, INVALID_MESSAGE_MESSAGE)
+    kind = message.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise MessageError(INVALID_MESSAGE, INVALID_MESSAGE_MESSAGE)
+    return message
+
+
+def relayed(payload: bytes, connection_id: str, timestamp_ms: int) -> bytes:
+    """The relayed form of a client frame: every field it had, plus the sender's id and
+    the time; MessageError when the frame is not a message the relay accepts."""
+    message = decode_client_message(payload)
+    message["connectionId"] = connection_id
+    message["timestamp"] = timestamp_ms
+    try:
+        return encode(message)
+    except (ValueError, RecursionError):
+        raise MessageError(PARSE_ERROR, PARSE_ERROR_MESSAGE) from None
+
+
+def error(code: str, message: str) -> bytes:
+    return encode({"type": "error", "message": message, "code": code})
+
+
+def rate_limit_error(limit: int, window: float) -> bytes:
+    per = "second" if window == 1 else f"{window:g} seconds"
+    return error(RATE_LIMIT_EXCEEDED, f"Rate limit exceeded ({limit} messages/{per})")
+
+
+def connected(connection_id: str, room_id: str, user_count: int) -> bytes:
+    return encode(
+        {"type": "connected", "connectionId": connection_id, "roomId": room_id,
+         "userCount": user_count}
+    )
+
+
+def user_joined(connection_id: str, user_count: int) -> bytes:
+    return encode({"type": "user-joined", "connectionId": connection_id,
+                   "userCount": user_count})
+
+
+def user_left(connection_id: str, user_count: int) -> bytes:
+    return encode({"type": "user-left", "connectionId": connection_id,
+                   "userCount": user_count})
+
+
+def expiry_text(seconds: float) -> str:
+    """'Room expired after 24 hours' for the default; other lifetimes in their unit."""
+    for unit, size in (("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"Room expired after {count} {unit}{'s' if count != 1 else ''}"
+    return f"Room expired after {seconds:g} seconds"
+
+
+def room_expired(text: str) -> bytes:
+    return encode({"type": "room-expired", "message": text})
+
+
+def server_shutdown() -> bytes:
+    return encode({"type": "server-shutdown", "message": SHUTDOWN_MESSAGE})

@@ -1,0 +1,194 @@
+"""The WebSocket side of the relay (Autobahn): handshake, room id, message pipeline, close.
+
+Wire protocol in short (SPEC.md has the whole contract):
+- connect to ``/room/{roomId}`` or ``/?room={roomId}``; a missing or malformed id completes
+  the handshake and is then closed with 1008 and a reason a browser can read;
+- the joiner gets ``connected``, the others ``user-joined``; a departure sends
+  ``user-left`` once;
+- every client frame is rate limited, parsed (``PARSE_ERROR`` / ``INVALID_MESSAGE`` back to
+  the sender only), stamped with ``connectionId`` and ``timestamp`` and relayed to the other
+  members of its room, framed once for all of them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from iw_relay import messages
+from iw_relay.config import RelayConfig
+from iw_relay.ratelimit import FixedWindowLimiter
+from iw_relay.registry import RoomRegistry
+
+ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# How long a closing peer has to answer our close frame before its TCP connection is dropped.
+CLOSE_HANDSHAKE_TIMEOUT = 2.0
+
+
+def prepare_frame(payload: bytes) -> PreparedMessage:
+    """Frame a text message once, for every recipient (server frames are unmasked)."""
+    return PreparedMessage(payload, False, False, False)
+
+
+def requested_room(path: str, params: dict[str, list[str]]) -> str | None:
+    """The room id a handshake asks for, as the original reads it; None when there is none.
+
+    The path form wins and ignores the query: ``/room/abc/x`` asks for ``abc``. On any
+    other path, the (percent-decoded) ``room`` query parameter.
+    """
+    if path.startswith("/room/"):
+        segments = [segment for segment in path.split("/") if segment]
+        return segments[1] if len(segments) >= 2 else None
+    values = params.get("room")
+    return values[0] if values else None
+
+
+def room_problem(room_id: str | None) -> str | None:
+    """The close reason for a room id the relay refuses, or None when it is acceptable."""
+    if not room_id:
+        return messages.ROOM_ID_REQUIRED
+    if not ROOM_ID.fullmatch(room_id):
+        return messages.ROOM_ID_INVALID
+    return None
+
+
+def set_tcp_nodelay(transport: object) -> None:
+    """Turn Nagle off; Autobahn tries too early and silently fails (40 ms stalls)."""
+    while transport is not None:
+        setter = getattr(transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:  # not a TCP socket (e.g. a UNIX socket)
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+
+
+class RelayServerProtocol(WebSocketServerProtocol):
+    """One client connection: a member of one room once the handshake is done."""
+
+    _log = Logger()
+    factory: RelayServerFactory
+
+    connection_id: str = ""
+    _requested_room: str | None = None
+    _limiter: FixedWindowLimiter | None = None
+    _joined = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_tcp_nodelay(self.transport)
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        self._requested_room = requested_room(request.path, request.params)
+
+    def onOpen(self) -> None:
+        try:
+            self._join()
+        except Exception:
+            self._log.failure("joining a room failed")
+            self.close(messages.CLOSE_INTERNAL_ERROR, messages.INTERNAL_ERROR_REASON)
+
+    def _join(self) -> None:
+        factory = self.factory
+        problem = room_problem(self._requested_room)
+        if problem is not None:
+            self._log.info("refused a connection: {problem}", problem=problem.split(".")[0])
+            self.close(messages.CLOSE_POLICY_VIOLATION, problem)
+            return
+        config = factory.config
+        self.connection_id = secrets.token_hex(8)
+        self._limiter = FixedWindowLimiter(
+            config.rate_limit, config.rate_window, factory.clock.seconds()
+        )
+        self._joined = True
+        factory.registry.join(self, self._requested_room)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self._joined:
+            return
+        try:
+            self._relay(payload)
+        except Exception:
+            self._log.failure("handling a message from {connection_id} failed",
+                              connection_id=self.connection_id)
+            self.close(messages.CLOSE_INTERNAL_ERROR, messages.INTERNAL_ERROR_REASON)
+
+    def _relay(self, payload: bytes) -> None:
+        factory = self.factory
+        limiter = self._limiter
+        if not limiter.allow(factory.clock.seconds()):
+            factory.registry.count_rate_limited()
+            if limiter.first_refusal:
+                self._log.info("{connection_id} is over its rate limit",
+                               connection_id=self.connection_id)
+                self._reply(factory.rate_limit_error)
+            return
+        try:
+            relayed = messages.relayed(
+                payload, self.connection_id, int(factory.wall_clock() * 1000)
+            )
+        except messages.MessageError as refused:
+            self._log.debug("{connection_id} sent a message refused with {code}",
+                            connection_id=self.connection_id, code=refused.code)
+            self._reply(messages.error(refused.code, refused.message))
+            return
+        factory.registry.broadcast(self, relayed)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._joined:
+            self._joined = False
+            self.factory.registry.leave(self)
+
+    # -- the registry's Member interface ------------------------------------------------
+
+    def deliver(self, frame: PreparedMessage) -> None:
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendPreparedMessage(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any code (Autobahn's sendClose refuses 1008)."""
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+
+    def _reply(self, payload: bytes) -> None:
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(payload)
+
+
+class RelayServerFactory(WebSocketServerFactory):
+    """Builds a RelayServerProtocol per connection, all sharing one RoomRegistry."""
+
+    protocol = RelayServerProtocol
+
+    def __init__(
+        self,
+        registry: RoomRegistry,
+        config: RelayConfig,
+        clock: IReactorTime,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(server="iw-relay")
+        self.registry = registry
+        self.config = config
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
+        self.setProtocolOptions(
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            autoPingInterval=config.ping_interval,
+            autoPingTimeout=config.ping_timeout,
+            openHandshakeTimeout=config.handshake_timeout,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            allowNullOrigin=True,
+        )

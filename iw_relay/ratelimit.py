@@ -1,0 +1,32 @@
+"""Fixed-window message limiter, the same windows as the original relay."""
+
+from __future__ import annotations
+
+
+class FixedWindowLimiter:
+    """At most `limit` messages per `window` seconds.
+
+    The first window starts when the connection opens; a new one starts at the first
+    message after the previous one ended (so an idle connection has no timer at all).
+    """
+
+    __slots__ = ("_count", "_window_start", "limit", "window")
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._window_start = now
+        self._count = 0
+
+    def allow(self, now: float) -> bool:
+        """Count one message at `now`; False when it is over the limit."""
+        if now - self._window_start >= self.window:
+            self._window_start = now
+            self._count = 0
+        self._count += 1
+        return self._count <= self.limit
+
+    @property
+    def first_refusal(self) -> bool:
+        """True right after the first message of this window that was refused."""
+        return self._count == self.limit + 1

@@ -1,0 +1,209 @@
+"""RoomRegistry: rooms, members, fan-out, counters and the expiry sweep.
+
+It knows nothing of WebSockets: a member is anything with a `connection_id`, a
+`deliver(frame)` and a `close(code, reason)` (see `Member`). Frames handed to members
+come from `prepare(payload)`, called once per broadcast, so the WebSocket layer can
+frame a message once for all of its recipients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from iw_relay import messages
+from iw_relay.config import RelayConfig
+
+
+class Member(Protocol):
+    connection_id: str
+
+    def deliver(self, frame: Any) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+def room_hash(room_id: str) -> str:
+    """What logs show instead of a room id: room ids are secrets."""
+    return hashlib.sha256(room_id.encode()).hexdigest()[:12]
+
+
+@dataclass(eq=False)
+class Room:
+    room_id: str
+    expires_at: float
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+@dataclass
+class RelayStats:
+    """The counters /stats reports; names as on the wire."""
+
+    messagesRelayed: int = 0
+    connectionsTotal: int = 0
+    disconnectionsTotal: int = 0
+    rateLimitsHit: int = 0
+
+
+class RoomRegistry(Service):
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        clock: IReactorTime,
+        prepare: Callable[[bytes], Any] = lambda payload: payload,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.prepare = prepare
+        self.wall_clock = wall_clock
+        self.stats = RelayStats()
+        self.started_at = clock.seconds()
+        self.start_time_ms = int(wall_clock() * 1000)
+        self.rooms: dict[str, Room] = {}
+        self._room_of: dict[Member, Room] = {}
+        self._sweeper = LoopingCall(self.sweep_expired)
+        self._sweeper.clock = clock
+        self._emptied: list[Deferred[None]] = []
+        self.stopping = False
+
+    # -- membership ------------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._room_of)
+
+    def join(self, member: Member, room_id: str) -> Room:
+        """Add `member` to `room_id` (creating it), tell it and the others."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = Room(room_id, self.clock.seconds() + self.config.room_expiry)
+            self.rooms[room_id] = room
+            self._log.debug("room {room} created", room=room_hash(room_id))
+        room.members[member.connection_id] = member
+        self._room_of[member] = room
+        self.stats.connectionsTotal += 1
+        count = len(room.members)
+        self._log.info(
+            "{connection_id} joined room {room} ({count} members)",
+            connection_id=member.connection_id, room=room_hash(room_id), count=count,
+        )
+        member.deliver(self.prepare(messages.connected(member.connection_id, room_id, count)))
+        self._fan_out(room, messages.user_joined(member.connection_id, count), member)
+        return room
+
+    def leave(self, member: Member) -> None:
+        """Remove `member` wherever it is; a second call for the same member does nothing."""
+        room = self._room_of.pop(member, None)
+        if room is None:
+            return
+        del room.members[member.connection_id]
+        self.stats.disconnectionsTotal += 1
+        count = len(room.members)
+        self._log.info(
+            "{connection_id} left room {room} ({count} members)",
+            connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
+        )
+        if count:
+            self._fan_out(room, messages.user_left(member.connection_id, count), None)
+        elif self.rooms.get(room.room_id) is room:
+            del self.rooms[room.room_id]
+        if not self._room_of:
+            emptied, self._emptied = self._emptied, []
+            for waiting in emptied:
+                waiting.callback(None)
+
+    def room_of(self, member: Member) -> Room | None:
+        return self._room_of.get(member)
+
+    # -- relaying --------------------------------------------------------------------
+
+    def broadcast(self, sender: Member, payload: bytes) -> None:
+        """Relay an accepted, stamped message to the other members of `sender`'s room."""
+        room = self._room_of.get(sender)
+        if room is None:
+            return
+        self.stats.messagesRelayed += 1
+        self._fan_out(room, payload, sender)
+
+    def _fan_out(self, room: Room, payload: bytes, exclude: Member | None) -> None:
+        if len(room.members) < 2 and exclude is not None:
+            return
+        frame = self.prepare(payload)
+        for member in list(room.members.values()):
+            if member is not exclude:
+                member.deliver(frame)
+
+    def count_rate_limited(self) -> None:
+        self.stats.rateLimitsHit += 1
+
+    # -- expiry ----------------------------------------------------------------------
+
+    def sweep_expired(self) -> None:
+        """Expire every room past its deadline; one bad room never stops the sweep."""
+        now = self.clock.seconds()
+        for room in [r for r in self.rooms.values() if r.expires_at <= now]:
+            with self._log.failuresHandled("expiring room {room} failed",
+                                           room=room_hash(room.room_id)):
+                self.expire(room)
+
+    def expire(self, room: Room) -> None:
+        """Tell every member, close them with 1000; the room id is free at once."""
+        if self.rooms.get(room.room_id) is room:
+            del self.rooms[room.room_id]
+        self._log.info("room {room} expired with {count} members",
+                       room=room_hash(room.room_id), count=len(room.members))
+        text = messages.expiry_text(self.config.room_expiry)
+        notice = self.prepare(messages.room_expired(text))
+        for member in list(room.members.values()):
+            member.deliver(notice)
+            member.close(messages.CLOSE_NORMAL, text)
+
+    # -- service ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.stopping = False
+        self._sweeper.start(self.config.cleanup_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Tell every member the server is going, close them with 1001, wait for them."""
+        super().stopService()
+        self.stopping = True
+        if self._sweeper.running:
+            self._sweeper.stop()
+        members = list(self._room_of)
+        if not members:
+            return succeed(None)
+        self._log.info("shutting down: closing {count} connections", count=len(members))
+        notice = self.prepare(messages.server_shutdown())
+        for member in members:
+            member.deliver(notice)
+            member.close(messages.CLOSE_GOING_AWAY, messages.SHUTDOWN_REASON)
+        return self._wait_until_empty(self.config.shutdown_timeout)
+
+    def _wait_until_empty(self, timeout: float) -> Deferred[None]:
+        emptied: Deferred[None] = Deferred()
+        self._emptied.append(emptied)
+        timer = self.clock.callLater(timeout, self._give_up_waiting, emptied)
+        emptied.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return emptied
+
+    def _give_up_waiting(self, emptied: Deferred[None]) -> None:
+        self._log.warn("shutdown timeout: {count} connections did not close",
+                       count=self.connection_count)
+        if emptied in self._emptied:
+            self._emptied.remove(emptied)
+        emptied.callback(None)
+

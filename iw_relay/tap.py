@@ -1,0 +1,107 @@
+"""twistd plugin shell: command line + environment -> RelayConfig -> RelayService.
+
+Process-wide effects (the log observer handed to twistd's Application, Autobahn's log
+level) happen here and nowhere else, so `RelayService` stays embeddable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from iw_relay import logs
+from iw_relay.config import OPTION_PARSERS, RelayConfig, env_name, settings_from_environment
+from iw_relay.service import RelayService
+
+_HELP = {
+    "rate-limit": "Messages per window per connection [default: 100].",
+    "rate-window": "Rate-limit window, a DURATION such as 1s or 500ms [default: 1s].",
+    "room-expiry": "Room lifetime from its creation [default: 24h].",
+    "cleanup-interval": "How often expired rooms are swept [default: 1h].",
+    "max-message-size": "Larger messages close the sender with 1009 [default: 1MiB].",
+    "ping-interval": "Server WebSocket ping period; 0 disables [default: 30s].",
+    "ping-timeout": "No pong by then: the peer is dropped [default: 10s].",
+    "handshake-timeout": "Longest time to complete the opening handshake [default: 10s].",
+    "shutdown-timeout": "Longest wait for clients to close on stop [default: 10s].",
+    "log-level": "debug, info, warn or error [default: info].",
+    "log-format": "text, or json: one JSON object per line [default: text].",
+}
+
+
+class Options(usage.Options):
+    """The `iwrelay` options; each may also come from IWRELAY_<NAME> in the environment."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Every option may also be set as IWRELAY_<NAME> (e.g. IWRELAY_RATE_LIMIT=200); "
+        "the command line wins. PORT, LOG_LEVEL and NODE_ENV=production are honoured "
+        "as by the original relay. DURATION: seconds, or a number with ms, s, m, h, d. "
+        "SIZE: bytes, or a number with KiB or MiB."
+    )
+    optParameters = [[name, None, None, _HELP[name]] for name in OPTION_PARSERS]
+
+    def __init__(self, environ: Mapping[str, str] | None = None, reactor: object = None):
+        super().__init__()
+        self["port"] = []
+        self._environ = os.environ if environ is None else environ
+        self._reactor = reactor
+        self.config: RelayConfig | None = None
+
+    def opt_port(self, endpoint: str) -> None:
+        """Endpoint to listen on (repeatable), e.g. tcp:3000:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem [default: tcp:$PORT or tcp:3000]."""  # noqa: E501
+        self["port"].append(endpoint)
+
+    def postOptions(self) -> None:
+        from_env = settings_from_environment(self._environ)
+        changes: dict[str, object] = {}
+        for option, (field, parse) in OPTION_PARSERS.items():
+            if self[option] is not None:
+                source, text = f"--{option}", self[option]
+            elif option in from_env:
+                source, text = env_name(option), from_env[option]
+            else:
+                continue
+            try:
+                changes[field] = parse(text)
+            except ValueError as problem:
+                raise usage.UsageError(f"{source}: {problem}") from None
+        ports = self["port"] or from_env.get("port", "").split() or list(RelayConfig.ports)
+        for port in ports:
+            self._check_endpoint(port)
+        try:
+            self.config = RelayConfig(ports=tuple(ports), **changes)
+        except ValueError as problem:
+            raise usage.UsageError(str(problem)) from None
+
+    def _check_endpoint(self, description: str) -> None:
+        """Parse the endpoint now (it reads TLS files), so a typo fails before listening."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+        else:
+            reactor = self._reactor
+        try:
+            serverFromString(reactor, description)
+        except Exception as problem:
+            raise usage.UsageError(f"--port {description!r}: {problem}") from None
+
+
+class TwistdRelayService(RelayService):
+    """RelayService that, when twistd adopts it, gives twistd's Application its log
+    observer, so --log-level and --log-format govern every line twistd prints."""
+
+    def setServiceParent(self, parent: object) -> None:
+        super().setServiceParent(parent)
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, logs.make_observer(self.config, sys.stdout))
+
+
+def makeService(options: Options) -> IService:
+    logs.quiet_autobahn()
+    return TwistdRelayService(options.config)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="iw-relay",
+    version="0.1.0",
+    description="WebSocket relay for real-time collaborative editing (Twisted + Autobahn)",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["iw_relay", "iw_relay.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/iwrelay.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "autobahn>=26.10",
+        "service-identity",
+        "pyopenssl",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-twisted", "trustme", "hypothesis", "ruff"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: WWW/HTTP",
+    ],
+)
