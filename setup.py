@@ -17,7 +17,7 @@ setup(
         "pyopenssl",
     ],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "trustme", "hypothesis", "ruff"],
+        "test": ["pytest", "pytest-twisted", "treq", "trustme", "hypothesis", "ruff"],
     },
     classifiers=[
         "Framework :: Twisted",

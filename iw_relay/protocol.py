@@ -190,5 +190,6 @@ class RelayServerFactory(WebSocketServerFactory):
             autoPingTimeout=config.ping_timeout,
             openHandshakeTimeout=config.handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            failByDrop=False,  # send 1007/1002/1009 close frames: clients learn why
             allowNullOrigin=True,
         )

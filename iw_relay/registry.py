@@ -143,7 +143,25 @@ class RoomRegistry(Service):
         frame = self.prepare(payload)
         for member in list(room.members.values()):
             if member is not exclude:
-                member.deliver(frame)
+                try:
+                    member.deliver(frame)
+                except Exception:
+                    self._log.failure("delivery to {connection_id} failed",
+                                      connection_id=member.connection_id)
+                    self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
+                                        messages.INTERNAL_ERROR_REASON)
+
+    def _say_goodbye(self, member: Member, notice: Any, code: int, reason: str) -> None:
+        """Deliver `notice` and close; a member that fails here harms no other member."""
+        with self._log.failuresHandled("closing {connection_id} failed",
+                                       connection_id=member.connection_id):
+            member.deliver(notice)
+            member.close(code, reason)
+
+    def _close_quietly(self, member: Member, code: int, reason: str) -> None:
+        with self._log.failuresHandled("closing {connection_id} failed",
+                                       connection_id=member.connection_id):
+            member.close(code, reason)
 
     def count_rate_limited(self) -> None:
         self.stats.rateLimitsHit += 1
@@ -167,8 +185,7 @@ class RoomRegistry(Service):
         text = messages.expiry_text(self.config.room_expiry)
         notice = self.prepare(messages.room_expired(text))
         for member in list(room.members.values()):
-            member.deliver(notice)
-            member.close(messages.CLOSE_NORMAL, text)
+            self._say_goodbye(member, notice, messages.CLOSE_NORMAL, text)
 
     # -- service ---------------------------------------------------------------------
 
@@ -189,8 +206,8 @@ class RoomRegistry(Service):
         self._log.info("shutting down: closing {count} connections", count=len(members))
         notice = self.prepare(messages.server_shutdown())
         for member in members:
-            member.deliver(notice)
-            member.close(messages.CLOSE_GOING_AWAY, messages.SHUTDOWN_REASON)
+            self._say_goodbye(member, notice, messages.CLOSE_GOING_AWAY,
+                              messages.SHUTDOWN_REASON)
         return self._wait_until_empty(self.config.shutdown_timeout)
 
     def _wait_until_empty(self, timeout: float) -> Deferred[None]:

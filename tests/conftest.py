@@ -1,0 +1,71 @@
+"""Fixtures shared by every test: no test may log an unhandled failure or leave timers."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from tests.clients import MemoryRelay
+
+
+class LoggedFailures:
+    """Failures logged during a test; a test that expects some takes them with `take()`."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        if "log_failure" in event:
+            self.events.append(event)
+
+    def take(self) -> list[dict]:
+        taken, self.events = self.events, []
+        return taken
+
+
+@pytest.fixture(autouse=True)
+def logged_failures():
+    failures = LoggedFailures()
+    globalLogPublisher.addObserver(failures)
+    yield failures
+    gc.collect()  # Deferreds that failed unhandled log when they are collected
+    globalLogPublisher.removeObserver(failures)
+    problems = [f"{e['log_failure'].getTraceback()}" for e in failures.events]
+    assert not problems, "unhandled failures were logged:\n" + "\n".join(problems)
+
+
+@pytest.fixture(autouse=True)
+def no_pending_reactor_calls():
+    from twisted.internet import reactor
+
+    before = set(reactor.getDelayedCalls())
+    yield
+    left = [call for call in reactor.getDelayedCalls()
+            if call not in before and call.active()]
+    for call in left:
+        call.cancel()
+    assert not left, f"test left timers on the reactor: {left}"
+
+
+@pytest.fixture
+def relay():
+    """The relay over in-memory transports, time driven by a Clock."""
+    memory = MemoryRelay()
+    yield memory
+    memory.close()
+
+
+@pytest.fixture
+def make_relay():
+    made: list[MemoryRelay] = []
+
+    def make(config=None, **kwargs) -> MemoryRelay:
+        memory = MemoryRelay(config, **kwargs)
+        made.append(memory)
+        return memory
+
+    yield make
+    for memory in made:
+        memory.close()

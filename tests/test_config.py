@@ -1,0 +1,117 @@
+import pytest
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from iw_relay.config import RelayConfig, parse_duration, parse_size
+from iw_relay.tap import Options, makeService
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90.0), ("1.5s", 1.5), ("500ms", 0.5), ("30m", 1800.0), ("24h", 86400.0),
+    ("1d", 86400.0), ("0", 0.0), (" 2s ", 2.0),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "5x", "-1s", "1.2.3s", "1 hour", "nan"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("65536", 65536), ("64KiB", 65536), ("1MiB", 1048576), ("1mib", 1048576), ("2b", 2),
+])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "1MB", "KiB", "-5", "1.5.5KiB"])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def parse(args, environ=None):
+    options = Options(environ=environ or {}, reactor=Clock())
+    options.parseOptions(args)
+    return options.config
+
+
+def test_defaults_are_the_specs():
+    assert parse([]) == RelayConfig()
+    config = RelayConfig()
+    assert config.ports == ("tcp:3000",)
+    assert (config.rate_limit, config.rate_window) == (100, 1.0)
+    assert (config.room_expiry, config.cleanup_interval) == (86400.0, 3600.0)
+    assert config.max_message_size == 1024 * 1024
+    assert (config.ping_interval, config.ping_timeout, config.shutdown_timeout) == (30, 10, 10)
+    assert (config.log_level, config.log_format) == ("info", "text")
+
+
+def test_every_option_from_the_command_line():
+    config = parse([
+        "--port", "tcp:4000:interface=127.0.0.1", "--port", "tcp6:4001",
+        "--rate-limit", "7", "--rate-window", "500ms", "--room-expiry", "2h",
+        "--cleanup-interval", "5m", "--max-message-size", "64KiB", "--ping-interval", "0",
+        "--ping-timeout", "3s", "--handshake-timeout", "4s", "--shutdown-timeout", "1.5s",
+        "--log-level", "warn", "--log-format", "json",
+    ])
+    assert config == RelayConfig(
+        ports=("tcp:4000:interface=127.0.0.1", "tcp6:4001"), rate_limit=7, rate_window=0.5,
+        room_expiry=7200.0, cleanup_interval=300.0, max_message_size=65536,
+        ping_interval=0.0, ping_timeout=3.0, handshake_timeout=4.0, shutdown_timeout=1.5,
+        log_level="warn", log_format="json",
+    )
+
+
+def test_environment_and_the_command_line_wins():
+    environ = {
+        "IWRELAY_RATE_LIMIT": "200", "IWRELAY_ROOM_EXPIRY": "1h", "IWRELAY_LOG_FORMAT": "json",
+        "IWRELAY_PORT": "tcp:5000 tcp:5001",
+    }
+    config = parse(["--rate-limit", "300"], environ)
+    assert config.rate_limit == 300
+    assert config.room_expiry == 3600.0
+    assert config.log_format == "json"
+    assert config.ports == ("tcp:5000", "tcp:5001")
+
+
+def test_the_originals_variables():
+    config = parse([], {"PORT": "8080", "LOG_LEVEL": "debug", "NODE_ENV": "production"})
+    assert config.ports == ("tcp:8080",)
+    assert (config.log_level, config.log_format) == ("debug", "json")
+    assert parse([], {"NODE_ENV": "development"}).log_format == "text"
+    # IWRELAY_* wins over the original's variables, --port over both.
+    assert parse([], {"PORT": "8080", "IWRELAY_PORT": "tcp:9"}).ports == ("tcp:9",)
+    assert parse(["--port", "tcp:7"], {"PORT": "8080"}).ports == ("tcp:7",)
+
+
+@pytest.mark.parametrize(("args", "environ", "named"), [
+    (["--rate-limit", "abc"], {}, "--rate-limit"),
+    (["--rate-limit", "0"], {}, "--rate-limit"),
+    (["--room-expiry", "5x"], {}, "--room-expiry"),
+    (["--rate-window", "0s"], {}, "--rate-window"),
+    (["--max-message-size", "1MB"], {}, "--max-message-size"),
+    (["--log-level", "loud"], {}, "--log-level"),
+    (["--log-format", "xml"], {}, "--log-format"),
+    (["--port", "tcp:notaport"], {}, "--port"),
+    (["--port", "ssl:443:privateKey=/nonexistent.pem"], {}, "--port"),
+    ([], {"IWRELAY_RATE_WINDOW": "zz"}, "IWRELAY_RATE_WINDOW"),
+    ([], {"PORT": "http"}, "--port"),
+])
+def test_bad_values_name_the_option(args, environ, named):
+    with pytest.raises(usage.UsageError, match=named):
+        parse(args, environ)
+
+
+def test_make_service_builds_the_tree():
+    options = Options(environ={}, reactor=Clock())
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--port", "tcp:0"])
+    service = makeService(options)
+    children = list(service)
+    # The registry first, the two listeners last (so that they stop first).
+    assert children[0] is service.registry
+    assert [type(child).__name__ for child in children[1:]] == [
+        "StreamServerEndpointService", "StreamServerEndpointService"]
