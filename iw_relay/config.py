@@ -83,6 +83,7 @@ class RelayConfig:
     room_expiry: float = 24 * 3600.0
     cleanup_interval: float = 3600.0
     max_message_size: int = 1024 * 1024
+    max_send_buffer: int = 1024 * 1024
     ping_interval: float = 30.0
     ping_timeout: float = 10.0
     handshake_timeout: float = 10.0
@@ -99,8 +100,8 @@ class RelayConfig:
                 raise ValueError(f"{name} must be longer than zero")
         if self.ping_interval < 0:
             raise ValueError("ping_interval must not be negative")
-        if self.rate_limit < 1 or self.max_message_size < 1:
-            raise ValueError("rate_limit and max_message_size must be at least 1")
+        if min(self.rate_limit, self.max_message_size, self.max_send_buffer) < 1:
+            raise ValueError("rate_limit, max_message_size and max_send_buffer must be >= 1")
         if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
             raise ValueError("unknown log level or format")
 
@@ -116,6 +117,7 @@ OPTION_PARSERS = {
     "room-expiry": ("room_expiry", _positive_duration),
     "cleanup-interval": ("cleanup_interval", _positive_duration),
     "max-message-size": ("max_message_size", _positive_size),
+    "max-send-buffer": ("max_send_buffer", _positive_size),
     "ping-interval": ("ping_interval", parse_duration),
     "ping-timeout": ("ping_timeout", _positive_duration),
     "handshake-timeout": ("handshake_timeout", _positive_duration),

@@ -20,6 +20,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 
 ROOM_ID_REQUIRED = "Room ID required. Use /room/{roomId} or /?room={roomId}"
 ROOM_ID_INVALID = (
@@ -28,6 +29,7 @@ ROOM_ID_INVALID = (
 SHUTDOWN_REASON = "Server shutting down"
 SHUTDOWN_MESSAGE = "Server is shutting down"
 INTERNAL_ERROR_REASON = "Internal server error"
+SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
 INVALID_MESSAGE_MESSAGE = "Message must have a type field"

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from iw_relay import messages
 from iw_relay.config import RelayConfig
@@ -73,8 +74,15 @@ def set_tcp_nodelay(transport: object) -> None:
         transport = getattr(transport, "transport", None)
 
 
+@implementer(IPushProducer)
 class RelayServerProtocol(WebSocketServerProtocol):
-    """One client connection: a member of one room once the handshake is done."""
+    """One client connection: a member of one room once the handshake is done.
+
+    It is also the producer registered on its own transport, which is how it learns that
+    the peer is not reading: Twisted pauses it when the socket's buffer passes 64 KiB.
+    While paused, frames wait in a backlog; a backlog over --max-send-buffer closes the
+    peer with 1013, so one stalled reader never makes the server buffer without bound.
+    """
 
     _log = Logger()
     factory: RelayServerFactory
@@ -83,6 +91,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _requested_room: str | None = None
     _limiter: FixedWindowLimiter | None = None
     _joined = False
+    _paused = False
+    _backlog: list[bytes] | None = None
+    _backlog_bytes = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -106,6 +117,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self.close(messages.CLOSE_POLICY_VIOLATION, problem)
             return
         config = factory.config
+        self._watch_send_buffer()
         self.connection_id = secrets.token_hex(8)
         self._limiter = FixedWindowLimiter(
             config.rate_limit, config.rate_window, factory.clock.seconds()
@@ -149,11 +161,50 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self._joined = False
             self.factory.registry.leave(self)
 
+    # -- flow control (IPushProducer) ----------------------------------------------------
+
+    def _watch_send_buffer(self) -> None:
+        # Under WebSocketResource the HTTP channel is still the transport's producer.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """The peer's socket buffer is full (called again on every write while it is)."""
+        if not self._paused:
+            self._paused = True
+            self._backlog = []
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        backlog, self._backlog, self._backlog_bytes = self._backlog, None, 0
+        if backlog and self.state == WebSocketProtocol.STATE_OPEN:
+            self.transport.write(b"".join(backlog))
+
+    def stopProducing(self) -> None:
+        self._backlog, self._backlog_bytes = None, 0
+
     # -- the registry's Member interface ------------------------------------------------
 
     def deliver(self, frame: PreparedMessage) -> None:
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendPreparedMessage(frame)
+        """Write an already framed message (framed once for all of its recipients)."""
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        data = frame.payloadHybi
+        if not self._paused:
+            self.transport.write(data)
+            return
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        if self._backlog_bytes > self.factory.config.max_send_buffer:
+            self._drop_slow_consumer()
+
+    def _drop_slow_consumer(self) -> None:
+        self._log.info("{connection_id} is not reading: closed as a slow consumer",
+                       connection_id=self.connection_id)
+        self._backlog, self._backlog_bytes = None, 0
+        self.factory.registry.count_slow_consumer()
+        # The close frame waits behind unread data: the close-handshake timeout drops it.
+        self.close(messages.CLOSE_TRY_AGAIN_LATER, messages.SLOW_CONSUMER_REASON)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with any code (Autobahn's sendClose refuses 1008)."""
@@ -161,8 +212,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
 
     def _reply(self, payload: bytes) -> None:
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(payload)
+        """A message to this client only; queued behind what it has not read yet."""
+        self.deliver(prepare_frame(payload))
 
 
 class RelayServerFactory(WebSocketServerFactory):

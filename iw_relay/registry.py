@@ -52,6 +52,7 @@ class RelayStats:
     connectionsTotal: int = 0
     disconnectionsTotal: int = 0
     rateLimitsHit: int = 0
+    slowConsumersDropped: int = 0
 
 
 class RoomRegistry(Service):
@@ -165,6 +166,9 @@ class RoomRegistry(Service):
 
     def count_rate_limited(self) -> None:
         self.stats.rateLimitsHit += 1
+
+    def count_slow_consumer(self) -> None:
+        self.stats.slowConsumersDropped += 1
 
     # -- expiry ----------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ _HELP = {
     "room-expiry": "Room lifetime from its creation [default: 24h].",
     "cleanup-interval": "How often expired rooms are swept [default: 1h].",
     "max-message-size": "Larger messages close the sender with 1009 [default: 1MiB].",
+    "max-send-buffer": "Unread bytes queued for a client before it is closed with 1013 "
+    "as a slow consumer [default: 1MiB].",
     "ping-interval": "Server WebSocket ping period; 0 disables [default: 30s].",
     "ping-timeout": "No pong by then: the peer is dropped [default: 10s].",
     "handshake-timeout": "Longest time to complete the opening handshake [default: 10s].",

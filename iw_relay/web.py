@@ -91,6 +91,7 @@ class StatsResource(Resource):
             "connectionsTotal": stats.connectionsTotal,
             "disconnectionsTotal": stats.disconnectionsTotal,
             "rateLimitsHit": stats.rateLimitsHit,
+            "slowConsumersDropped": stats.slowConsumersDropped,
             "startTime": registry.start_time_ms,
             "currentRooms": len(registry.rooms),
             "currentConnections": registry.connection_count,

@@ -1,0 +1,68 @@
+"""A member that stops reading is dropped; the others keep every message, in order."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from iw_relay.config import RelayConfig
+from iw_relay.service import RelayService
+from tests.clients import join
+
+MAX_SEND_BUFFER = 256 * 1024
+PAD = "x" * 32 * 1024
+FLOOD = 400  # 400 x 32 KiB = 12.5 MiB: more than loopback socket buffers can hide
+
+
+@pytest.fixture
+def server():
+    config = RelayConfig(ping_interval=0, rate_limit=100_000, max_send_buffer=MAX_SEND_BUFFER)
+    service = RelayService(config, listen=False)
+    service.startService()
+    port = pytest_twisted.blockon(
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.site))
+    yield service, port.getHost().port
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(service.stopService())
+
+
+def largest_backlog(service):
+    return max((member._backlog_bytes for room in service.registry.rooms.values()
+                for member in room.members.values()), default=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_reader_is_dropped_and_others_lose_nothing(server):
+    service, port = server
+    sender = await join(reactor, port, "r")
+    watcher = await join(reactor, port, "r")
+    stalled = await join(reactor, port, "r")
+    stalled.transport.pauseProducing()  # it stops reading its socket
+    await watcher.wait_for(2)           # (watcher saw the stalled client join)
+
+    peaks = []
+    watcher_on_message = watcher.onMessage
+
+    def sample_then_receive(payload, is_binary):
+        peaks.append(largest_backlog(service))
+        watcher_on_message(payload, is_binary)
+
+    watcher.onMessage = sample_then_receive
+    for n in range(FLOOD):
+        sender.send_json({"type": "op", "n": n, "pad": PAD})
+
+    received = await watcher.wait_for(2 + FLOOD + 1).addTimeout(30, reactor)
+    ops = [m["n"] for m in received if m["type"] == "op"]
+    assert ops == list(range(FLOOD))
+    left = [m for m in received if m["type"] == "user-left"]
+    assert len(left) == 1 and left[0]["userCount"] == 2
+    assert service.registry.stats.slowConsumersDropped == 1
+    # What the server held for the stalled peer never passed the limit by more than a frame.
+    assert max(peaks) <= MAX_SEND_BUFFER + 40 * 1024
+    stalled.transport.resumeProducing()
+    code, _ = await stalled.closed
+    assert code in (1013, None, 1006)
+    for client in (sender, watcher):
+        client.sendClose(1000)
+        await client.closed
+
