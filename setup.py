@@ -12,6 +12,7 @@ setup(
     package_data={"twisted": ["plugins/iwrelay.py"]},
     install_requires=[
         "twisted[tls]>=24.7",
+        "pyjwt>=2.8",
         "autobahn>=26.10",
         "service-identity",
         "pyopenssl",

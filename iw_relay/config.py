@@ -7,12 +7,15 @@ command line, the environment and embedding code all share one set of rules.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -45,6 +48,57 @@ def parse_positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(f"{text!r} must be at least 1")
     return value
+
+
+def parse_count(text: str) -> int:
+    """A whole number, 0 meaning unlimited."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative (0 means unlimited)")
+    return value
+
+
+def parse_cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address or network (e.g. 10.0.0.0/8)") from None
+
+
+def read_secret_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as secret_file:
+            secret = secret_file.read().strip()
+    except OSError as problem:
+        raise ValueError(f"cannot read {path!r}: {problem.strerror}") from None
+    if not secret:
+        raise ValueError(f"{path!r} is empty")
+    return secret
+
+
+def _secret(text: str) -> bytes:
+    if not text:
+        raise ValueError("the secret is empty")
+    return text.encode()
+
+
+def parse_origin(origin: str) -> str:
+    """'https://Example.org:443/' -> 'https://example.org'; 'null' stays 'null'."""
+    origin = origin.strip()
+    if origin == "null":
+        return origin
+    parts = urlsplit(origin)
+    if not parts.scheme or not parts.hostname:
+        raise ValueError(f"{origin!r} is not an origin such as https://editor.example.org")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    suffix = "" if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()) else f":{port}"
+    return f"{parts.scheme.lower()}://{host}{suffix}"
 
 
 def _choice(allowed: tuple[str, ...]):
@@ -90,6 +144,13 @@ class RelayConfig:
     shutdown_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
+    max_connections: int = 0
+    max_connections_per_ip: int = 64
+    max_room_size: int = 0
+    flood_windows: int = 10
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    auth_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -124,6 +185,19 @@ OPTION_PARSERS = {
     "shutdown-timeout": ("shutdown_timeout", _positive_duration),
     "log-level": ("log_level", _choice(LOG_LEVELS)),
     "log-format": ("log_format", _choice(LOG_FORMATS)),
+    "max-connections": ("max_connections", parse_count),
+    "max-connections-per-ip": ("max_connections_per_ip", parse_count),
+    "max-room-size": ("max_room_size", parse_count),
+    "flood-windows": ("flood_windows", parse_count),
+    "auth-secret": ("auth_secret", _secret),
+    "auth-secret-file": ("auth_secret", read_secret_file),
+}
+
+# Repeatable options: option name -> (RelayConfig field, parser of one value). In the
+# environment they hold several values separated by white space.
+LIST_OPTIONS = {
+    "allowed-origin": ("allowed_origins", parse_origin),
+    "trusted-proxy": ("trusted_proxies", parse_cidr),
 }
 
 
@@ -137,7 +211,8 @@ def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
     `IWRELAY_*` first; then the original relay's own variables where those are unset:
     `PORT` (a TCP port number), `LOG_LEVEL`, and `NODE_ENV=production` for JSON logs.
     """
-    found = {opt: environ[env_name(opt)] for opt in OPTION_PARSERS if env_name(opt) in environ}
+    names = [*OPTION_PARSERS, *LIST_OPTIONS]
+    found = {opt: environ[env_name(opt)] for opt in names if env_name(opt) in environ}
     if env_name("port") in environ:
         found["port"] = environ[env_name("port")]
     elif environ.get("PORT"):

@@ -14,6 +14,7 @@ from typing import Any
 PARSE_ERROR = "PARSE_ERROR"
 INVALID_MESSAGE = "INVALID_MESSAGE"
 RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+ROOM_FULL = "ROOM_FULL"
 
 # WebSocket close codes used by the relay.
 CLOSE_NORMAL = 1000
@@ -29,6 +30,9 @@ ROOM_ID_INVALID = (
 SHUTDOWN_REASON = "Server shutting down"
 SHUTDOWN_MESSAGE = "Server is shutting down"
 INTERNAL_ERROR_REASON = "Internal server error"
+ROOM_FULL_MESSAGE = "Room is full"
+FLOOD_REASON = "Rate limit exceeded"
+AUTH_REASON = "Invalid authentication token"
 SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"

@@ -19,15 +19,22 @@ from collections.abc import Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from iw_relay import messages
+from iw_relay.admission import (
+    ConnectionCounter,
+    client_address,
+    origin_allowed,
+    parse_networks,
+    token_allows,
+)
 from iw_relay.config import RelayConfig
 from iw_relay.ratelimit import FixedWindowLimiter
-from iw_relay.registry import RoomRegistry
+from iw_relay.registry import RoomRegistry, room_hash
 
 ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # How long a closing peer has to answer our close frame before its TCP connection is dropped.
@@ -88,7 +95,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
     factory: RelayServerFactory
 
     connection_id: str = ""
+    client_address: str | None = None  # counted in the factory's ConnectionCounter
     _requested_room: str | None = None
+    _token: str | None = None
     _limiter: FixedWindowLimiter | None = None
     _joined = False
     _paused = False
@@ -100,7 +109,41 @@ class RelayServerProtocol(WebSocketServerProtocol):
         set_tcp_nodelay(self.transport)
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        try:
+            self._admit(request)
+        except ConnectionDeny:
+            raise
+        except Exception:
+            self._log.failure("admitting a connection failed")
+            raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR) from None
+
+    def _admit(self, request: ConnectionRequest) -> None:
+        """Refuse over-limit and foreign-origin handshakes (HTTP 503 / 403); count the rest."""
+        factory = self.factory
+        config = factory.config
+        headers = request.headers
+        peer = getattr(self.transport.getPeer(), "host", None) or "local"
+        address = client_address(peer,
+                                 headers.get("x-forwarded-for"), headers.get("x-real-ip"),
+                                 factory.trusted_proxies)
+        if not origin_allowed(headers.get("origin"), factory.allowed_origins):
+            factory.registry.count_refused("origin")
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
+        refusal = factory.connections.refusal(address, config.max_connections,
+                                              config.max_connections_per_ip)
+        if refusal is not None:
+            factory.registry.count_refused(refusal)
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Too many connections")
+        self.client_address = address
+        factory.connections.add(address)
         self._requested_room = requested_room(request.path, request.params)
+        self._token = (request.params.get("token") or [None])[0]
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.client_address is not None:
+            self.factory.connections.remove(self.client_address)
+            self.client_address = None
+        super().connectionLost(reason)
 
     def onOpen(self) -> None:
         try:
@@ -117,13 +160,25 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self.close(messages.CLOSE_POLICY_VIOLATION, problem)
             return
         config = factory.config
+        room_id = self._requested_room
+        if config.auth_secret is not None and not token_allows(
+            self._token, config.auth_secret, room_id
+        ):
+            self._log.info("refused a connection: invalid authentication token")
+            self.close(messages.CLOSE_POLICY_VIOLATION, messages.AUTH_REASON)
+            return
+        if config.max_room_size and factory.registry.room_size(room_id) >= config.max_room_size:
+            self._log.info("refused a connection: room {room} is full", room=room_hash(room_id))
+            self._reply(messages.error(messages.ROOM_FULL, messages.ROOM_FULL_MESSAGE))
+            self.close(messages.CLOSE_POLICY_VIOLATION, messages.ROOM_FULL_MESSAGE)
+            return
         self._watch_send_buffer()
         self.connection_id = secrets.token_hex(8)
         self._limiter = FixedWindowLimiter(
             config.rate_limit, config.rate_window, factory.clock.seconds()
         )
         self._joined = True
-        factory.registry.join(self, self._requested_room)
+        factory.registry.join(self, room_id)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._joined:
@@ -141,6 +196,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if not limiter.allow(factory.clock.seconds()):
             factory.registry.count_rate_limited()
             if limiter.first_refusal:
+                flood_windows = factory.config.flood_windows
+                if flood_windows and limiter.flooded_windows >= flood_windows:
+                    self._log.info("{connection_id} kept flooding: closed",
+                                   connection_id=self.connection_id)
+                    self.close(messages.CLOSE_POLICY_VIOLATION, messages.FLOOD_REASON)
+                    return
                 self._log.info("{connection_id} is over its rate limit",
                                connection_id=self.connection_id)
                 self._reply(factory.rate_limit_error)
@@ -234,6 +295,9 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
+        self.connections = ConnectionCounter()
+        self.trusted_proxies = parse_networks(config.trusted_proxies)
+        self.allowed_origins = frozenset(config.allowed_origins)
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,

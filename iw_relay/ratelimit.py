@@ -10,21 +10,29 @@ class FixedWindowLimiter:
     message after the previous one ended (so an idle connection has no timer at all).
     """
 
-    __slots__ = ("_count", "_window_start", "limit", "window")
+    __slots__ = ("_count", "_window_start", "flooded_windows", "limit", "window")
 
     def __init__(self, limit: int, window: float, now: float) -> None:
         self.limit = limit
         self.window = window
         self._window_start = now
         self._count = 0
+        #: Consecutive windows in which the limit was exceeded (a flood, not a burst).
+        self.flooded_windows = 0
 
     def allow(self, now: float) -> bool:
         """Count one message at `now`; False when it is over the limit."""
         if now - self._window_start >= self.window:
+            if self._count <= self.limit or now - self._window_start >= 2 * self.window:
+                self.flooded_windows = 0  # the last window kept the limit, or one was idle
             self._window_start = now
             self._count = 0
         self._count += 1
-        return self._count <= self.limit
+        if self._count <= self.limit:
+            return True
+        if self._count == self.limit + 1:
+            self.flooded_windows += 1
+        return False
 
     @property
     def first_refusal(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ class RelayStats:
     disconnectionsTotal: int = 0
     rateLimitsHit: int = 0
     slowConsumersDropped: int = 0
+    connectionsRefused: int = 0
 
 
 class RoomRegistry(Service):
@@ -70,6 +72,7 @@ class RoomRegistry(Service):
         self.prepare = prepare
         self.wall_clock = wall_clock
         self.stats = RelayStats()
+        self.refusals: Counter[str] = Counter()
         self.started_at = clock.seconds()
         self.start_time_ms = int(wall_clock() * 1000)
         self.rooms: dict[str, Room] = {}
@@ -128,6 +131,10 @@ class RoomRegistry(Service):
     def room_of(self, member: Member) -> Room | None:
         return self._room_of.get(member)
 
+    def room_size(self, room_id: str) -> int:
+        room = self.rooms.get(room_id)
+        return len(room.members) if room is not None else 0
+
     # -- relaying --------------------------------------------------------------------
 
     def broadcast(self, sender: Member, payload: bytes) -> None:
@@ -169,6 +176,11 @@ class RoomRegistry(Service):
 
     def count_slow_consumer(self) -> None:
         self.stats.slowConsumersDropped += 1
+
+    def count_refused(self, reason: str) -> None:
+        """A handshake refused before joining (limits, origin); `reason` is a short key."""
+        self.stats.connectionsRefused += 1
+        self.refusals[reason] += 1
 
     # -- expiry ----------------------------------------------------------------------
 

@@ -17,7 +17,13 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from iw_relay import logs
-from iw_relay.config import OPTION_PARSERS, RelayConfig, env_name, settings_from_environment
+from iw_relay.config import (
+    LIST_OPTIONS,
+    OPTION_PARSERS,
+    RelayConfig,
+    env_name,
+    settings_from_environment,
+)
 from iw_relay.service import RelayService
 
 _HELP = {
@@ -34,6 +40,17 @@ _HELP = {
     "shutdown-timeout": "Longest wait for clients to close on stop [default: 10s].",
     "log-level": "debug, info, warn or error [default: info].",
     "log-format": "text, or json: one JSON object per line [default: text].",
+    "max-connections": "Open WebSockets on the whole server; more are refused with HTTP "
+    "503 [default: 0, unlimited].",
+    "max-connections-per-ip": "Open WebSockets per client address; more are refused with "
+    "HTTP 503 [default: 64; 0 unlimited].",
+    "max-room-size": "Members per room; a join over it gets ROOM_FULL and close 1008 "
+    "[default: 0, unlimited].",
+    "flood-windows": "Consecutive rate windows over the limit before the sender is closed "
+    "with 1008 [default: 10; 0 never].",
+    "auth-secret": "HS256 secret: clients must pass ?token=JWT naming their room "
+    "[default: off]. Prefer --auth-secret-file: a command line is visible to other users.",
+    "auth-secret-file": "File holding the HS256 secret for ?token= [default: off].",
 }
 
 
@@ -52,9 +69,19 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None, reactor: object = None):
         super().__init__()
         self["port"] = []
+        for option in LIST_OPTIONS:
+            self[option] = []
         self._environ = os.environ if environ is None else environ
         self._reactor = reactor
         self.config: RelayConfig | None = None
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Browser origin allowed to connect (repeatable), e.g. https://editor.example.org; others get HTTP 403 [default: any]."""  # noqa: E501
+        self["allowed-origin"].append(origin)
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """Proxy address or network (repeatable) whose X-Forwarded-For / X-Real-IP give the client address [default: none]."""  # noqa: E501
+        self["trusted-proxy"].append(cidr)
 
     def opt_port(self, endpoint: str) -> None:
         """Endpoint to listen on (repeatable), e.g. tcp:3000:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem [default: tcp:$PORT or tcp:3000]."""  # noqa: E501
@@ -70,8 +97,17 @@ class Options(usage.Options):
                 source, text = env_name(option), from_env[option]
             else:
                 continue
+            if field in changes:
+                raise usage.UsageError("give --auth-secret or --auth-secret-file, not both")
             try:
                 changes[field] = parse(text)
+            except ValueError as problem:
+                raise usage.UsageError(f"{source}: {problem}") from None
+        for option, (field, parse) in LIST_OPTIONS.items():
+            source = f"--{option}" if self[option] else env_name(option)
+            values = self[option] or from_env.get(option, "").split()
+            try:
+                changes[field] = tuple(parse(value) for value in values)
             except ValueError as problem:
                 raise usage.UsageError(f"{source}: {problem}") from None
         ports = self["port"] or from_env.get("port", "").split() or list(RelayConfig.ports)

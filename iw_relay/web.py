@@ -92,6 +92,7 @@ class StatsResource(Resource):
             "disconnectionsTotal": stats.disconnectionsTotal,
             "rateLimitsHit": stats.rateLimitsHit,
             "slowConsumersDropped": stats.slowConsumersDropped,
+            "connectionsRefused": stats.connectionsRefused,
             "startTime": registry.start_time_ms,
             "currentRooms": len(registry.rooms),
             "currentConnections": registry.connection_count,

@@ -69,8 +69,9 @@ class RelayClient(WebSocketClientProtocol):
         return waiter
 
 
-def client_factory(url: str) -> WebSocketClientFactory:
-    factory = WebSocketClientFactory(url)
+def client_factory(url: str, origin: str | None = None,
+                   headers: dict[str, str] | None = None) -> WebSocketClientFactory:
+    factory = WebSocketClientFactory(url, origin=origin, headers=headers)
     factory.protocol = RelayClient
     factory.setProtocolOptions(autoPingInterval=0, closeHandshakeTimeout=5)
     return factory
@@ -115,17 +116,26 @@ class MemoryRelay:
         )
         self.registry = self.service.registry
         self.pumps: list[iosim.IOPump] = []
+        self.client_ip = "127.0.0.1"  # the address the next connection comes from
         self.servers: list[Any] = []
 
-    def connect(self, path: str = "/room/abc", flush: bool = True,
-                client: Any = None) -> RelayClient:
+    def connect(self, path: str = "/room/abc", flush: bool = True, client: Any = None,
+                origin: str | None = None, headers: dict[str, str] | None = None
+                ) -> RelayClient:
         """Connect a RelayClient for `path` (or the given protocol, e.g. a silent one)."""
         if client is None:
-            client = client_factory(f"ws://127.0.0.1:3000{path}").buildProtocol(None)
+            factory = client_factory(f"ws://127.0.0.1:3000{path}", origin, headers)
+            client = factory.buildProtocol(None)
+            # In memory, tests read close_code/close_reason: a refused handshake is no error.
+            client.opened.addErrback(lambda failure: None)
         server = self.service.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        server_address = IPv4Address("TCP", "127.0.0.1", 3000)
+        client_address = IPv4Address("TCP", self.client_ip, 40000 + len(self.pumps))
         pump = iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            client, iosim.FakeTransport(client, isServer=False),
+            server, iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
+                                        peerAddress=client_address),
+            client, iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
+                                        peerAddress=server_address),
             clock=self.clock,
         )
         self.pumps.append(pump)

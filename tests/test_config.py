@@ -106,6 +106,55 @@ def test_bad_values_name_the_option(args, environ, named):
         parse(args, environ)
 
 
+def test_hardening_options(tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"from-a-file\n")
+    config = parse([
+        "--max-connections", "1000", "--max-connections-per-ip", "0", "--max-room-size", "50",
+        "--flood-windows", "5", "--max-send-buffer", "256KiB",
+        "--allowed-origin", "https://Editor.example.org:443/",
+        "--allowed-origin", "http://localhost:8080",
+        "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1",
+        "--auth-secret-file", str(secret_file),
+    ])
+    assert (config.max_connections, config.max_connections_per_ip) == (1000, 0)
+    assert (config.max_room_size, config.flood_windows) == (50, 5)
+    assert config.max_send_buffer == 256 * 1024
+    assert config.allowed_origins == ("https://editor.example.org", "http://localhost:8080")
+    assert config.trusted_proxies == ("10.0.0.0/8", "::1/128")
+    assert config.auth_secret == b"from-a-file"
+    assert "from-a-file" not in repr(config)
+    defaults = RelayConfig()
+    assert (defaults.max_connections, defaults.max_connections_per_ip) == (0, 64)
+    assert (defaults.max_room_size, defaults.flood_windows) == (0, 10)
+    assert (defaults.allowed_origins, defaults.trusted_proxies, defaults.auth_secret) == (
+        (), (), None)
+
+
+def test_hardening_options_from_the_environment():
+    config = parse([], {
+        "IWRELAY_ALLOWED_ORIGIN": "https://a.example https://b.example:8443",
+        "IWRELAY_TRUSTED_PROXY": "127.0.0.1", "IWRELAY_AUTH_SECRET": "env-secret",
+        "IWRELAY_MAX_ROOM_SIZE": "3",
+    })
+    assert config.allowed_origins == ("https://a.example", "https://b.example:8443")
+    assert config.trusted_proxies == ("127.0.0.1/32",)
+    assert (config.auth_secret, config.max_room_size) == (b"env-secret", 3)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--allowed-origin", "editor.example.org"], "--allowed-origin"),
+    (["--trusted-proxy", "10.0.0.0/33"], "--trusted-proxy"),
+    (["--auth-secret-file", "/nonexistent/secret"], "--auth-secret-file"),
+    (["--auth-secret", "a", "--auth-secret-file", "/etc/hostname"], "--auth-secret"),
+    (["--max-connections-per-ip", "-1"], "--max-connections-per-ip"),
+    (["--flood-windows", "many"], "--flood-windows"),
+])
+def test_bad_hardening_values(args, named):
+    with pytest.raises(usage.UsageError, match=named):
+        parse(args)
+
+
 def test_make_service_builds_the_tree():
     options = Options(environ={}, reactor=Clock())
     options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--port", "tcp:0"])

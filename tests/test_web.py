@@ -70,8 +70,9 @@ async def test_health_and_stats(server):
     assert (health["rooms"], health["connections"]) == (2, 3)
     stats = await get_json(port, "/stats")
     assert set(stats) == {"messagesRelayed", "connectionsTotal", "disconnectionsTotal",
-                          "rateLimitsHit", "slowConsumersDropped", "startTime", "currentRooms",
-                          "currentConnections", "uptime", "uptimeFormatted"}
+                          "rateLimitsHit", "slowConsumersDropped", "connectionsRefused",
+                          "startTime", "currentRooms", "currentConnections", "uptime",
+                          "uptimeFormatted"}
     assert stats["messagesRelayed"] == 1
     assert (stats["connectionsTotal"], stats["disconnectionsTotal"]) == (3, 0)
     assert (stats["currentRooms"], stats["currentConnections"]) == (2, 3)
