@@ -39,7 +39,9 @@ class RelayService(MultiService):
         self.registry.setServiceParent(self)
         self.factory = RelayServerFactory(self.registry, config, clock, wall_clock)
         self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock)
-        self.site = RelaySite(self.resource)
+        # The Site's idle timeout is also the deadline for a request to arrive: a client that
+        # opens TCP and never sends its handshake (slowloris) is dropped after it.
+        self.site = RelaySite(self.resource, timeout=config.handshake_timeout, reactor=clock)
         # Listening services come last, so that they stop first: no new client arrives
         # while the registry says goodbye to the connected ones.
         if listen:

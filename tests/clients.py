@@ -120,21 +120,23 @@ class MemoryRelay:
         self.servers: list[Any] = []
 
     def connect(self, path: str = "/room/abc", flush: bool = True, client: Any = None,
-                origin: str | None = None, headers: dict[str, str] | None = None
-                ) -> RelayClient:
-        """Connect a RelayClient for `path` (or the given protocol, e.g. a silent one)."""
+                origin: str | None = None, headers: dict[str, str] | None = None,
+                through_site: bool = False) -> RelayClient:
+        """Connect a RelayClient for `path` (or the given protocol, e.g. a silent one),
+        to the WebSocket factory, or `through_site` to the whole HTTP Site."""
         if client is None:
             factory = client_factory(f"ws://127.0.0.1:3000{path}", origin, headers)
             client = factory.buildProtocol(None)
             # In memory, tests read close_code/close_reason: a refused handshake is no error.
             client.opened.addErrback(lambda failure: None)
-        server = self.service.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        peer = IPv4Address("TCP", self.client_ip, 40000 + len(self.pumps))
+        server_factory = self.service.site if through_site else self.service.factory
+        server = server_factory.buildProtocol(peer)
         server_address = IPv4Address("TCP", "127.0.0.1", 3000)
-        client_address = IPv4Address("TCP", self.client_ip, 40000 + len(self.pumps))
         pump = iosim.connect(
             server, iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
-                                        peerAddress=client_address),
-            client, iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
+                                        peerAddress=peer),
+            client, iosim.FakeTransport(client, isServer=False, hostAddress=peer,
                                         peerAddress=server_address),
             clock=self.clock,
         )

@@ -4,6 +4,7 @@ import time
 
 import jwt
 import pytest
+from twisted.internet.protocol import Protocol
 
 from iw_relay.admission import ConnectionCounter, client_address, parse_networks, token_allows
 from iw_relay.config import RelayConfig
@@ -207,3 +208,43 @@ def test_auth_over_the_wire(make_relay):
         assert bad.opened.called  # the handshake completed: a browser can read the reason
         assert (bad.close_code, bad.close_reason) == (1008, "Invalid authentication token")
     assert relay.registry.stats.connectionsTotal == 1
+
+
+# -- slowloris -----------------------------------------------------------------------
+
+class Silent(Protocol):
+    """Opens TCP, sends `prefix` (maybe part of a request) and then nothing."""
+
+    def __init__(self, prefix=b""):
+        self.prefix = prefix
+        self.lost = False
+
+    def connectionMade(self):
+        self.transport.write(self.prefix)
+
+    def connectionLost(self, reason):
+        self.lost = True
+
+
+@pytest.mark.parametrize("prefix", [b"", b"GET /room/abc HTTP/1.1\r\nHost: x\r\n"])
+def test_a_request_that_never_completes_is_dropped_after_the_handshake_timeout(
+        make_relay, prefix):
+    relay = make_relay(config(handshake_timeout=5))
+    silent = Silent(prefix)
+    relay.connect(client=silent, through_site=True)
+    relay.advance(4.9)
+    assert not silent.lost
+    relay.advance(0.2)
+    assert silent.lost
+
+
+def test_the_http_timeout_does_not_touch_websockets(make_relay):
+    relay = make_relay(config(handshake_timeout=5))
+    a = relay.connect("/room/abc", through_site=True)
+    b = relay.connect("/room/abc", through_site=True)
+    for _ in range(10):
+        relay.advance(5)
+    a.send_json({"type": "op"})
+    relay.flush()
+    assert b.received[-1]["type"] == "op"
+    assert a.close_code is None and b.close_code is None
