@@ -36,6 +36,12 @@ def logged_failures():
     assert not problems, "unhandled failures were logged:\n" + "\n".join(problems)
 
 
+def _is_txaio_bucket(call) -> bool:
+    """Autobahn batches its timers in txaio buckets; cancelling a timer leaves its bucket's
+    DelayedCall to fire empty. Those are the library's, not a leak of ours."""
+    return getattr(call.func, "__name__", "") == "_notify_bucket"
+
+
 @pytest.fixture(autouse=True)
 def no_pending_reactor_calls():
     from twisted.internet import reactor
@@ -43,7 +49,7 @@ def no_pending_reactor_calls():
     before = set(reactor.getDelayedCalls())
     yield
     left = [call for call in reactor.getDelayedCalls()
-            if call not in before and call.active()]
+            if call not in before and call.active() and not _is_txaio_bucket(call)]
     for call in left:
         call.cancel()
     assert not left, f"test left timers on the reactor: {left}"

@@ -1,0 +1,71 @@
+"""Property tests of the message pipeline (hypothesis)."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from iw_relay import messages
+from iw_relay.config import RelayConfig
+from tests.clients import MemoryRelay
+
+# Lone surrogates (a pair would be the same JSON as the character it encodes).
+SURROGATES = st.sampled_from(["\ud83d", "\ude00", "a\ud83db", "\ude00\ud83d", "\udfff"])
+STRINGS = st.text(max_size=20) | SURROGATES
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | STRINGS,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(STRINGS, children, max_size=4),
+    max_leaves=20,
+)
+MESSAGES = st.builds(
+    lambda kind, fields: {**fields, "type": kind},
+    STRINGS.filter(bool), st.dictionaries(STRINGS, JSON_VALUES, max_size=6),
+)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_are_relayed_or_refused_with_a_code(payload):
+    try:
+        relayed = messages.relayed(payload, "0123456789abcdef", 42)
+    except messages.MessageError as refused:
+        assert refused.code in (messages.PARSE_ERROR, messages.INVALID_MESSAGE)
+    else:
+        message = json.loads(relayed)
+        assert isinstance(message["type"], str) and message["type"]
+        assert (message["connectionId"], message["timestamp"]) == ("0123456789abcdef", 42)
+
+
+@given(MESSAGES)
+def test_a_relayed_message_is_the_input_plus_two_stamps(message):
+    payload = json.dumps(message).encode()
+    relayed = json.loads(messages.relayed(payload, "0123456789abcdef", 1234))
+    assert relayed == {**message, "connectionId": "0123456789abcdef", "timestamp": 1234}
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=100), MESSAGES.map(
+    lambda m: json.dumps(m).encode())), min_size=1, max_size=12))
+def test_over_the_wire_each_message_is_relayed_or_answered_once(payloads):
+    relay = MemoryRelay(RelayConfig(ping_interval=0, rate_limit=1000))
+    try:
+        sender, peer = relay.join(), relay.join()
+        expected = []
+        for payload in payloads:
+            sender.sendMessage(payload, isBinary=True)  # binary: any bytes at all
+            try:
+                expected.append(json.loads(messages.relayed(payload, "x", 0)))
+            except messages.MessageError:
+                pass
+        relay.flush()
+        relayed = [m for m in peer.received[1:]]
+        assert len(relayed) == len(expected)
+        for got, want in zip(relayed, expected, strict=True):
+            assert {**got, "connectionId": "x", "timestamp": 0} == want
+        errors = sender.received[2:]  # after connected and user-joined
+        assert len(errors) == len(payloads) - len(expected)
+        assert all(e["type"] == "error" for e in errors)
+        assert sender.close_code is None
+    finally:
+        relay.close()
