@@ -75,3 +75,31 @@ def make_relay():
     yield make
     for memory in made:
         memory.close()
+
+
+@pytest.fixture
+def serve():
+    """serve(config) -> Deferred (RelayService, port): the relay on a free loopback port."""
+    import pytest_twisted
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from iw_relay.service import RelayService
+
+    running = []
+
+    def start(config):
+        service = RelayService(config, listen=False)
+        service.startService()
+        listening = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.site)
+
+        def started(port):
+            running.append((service, port))
+            return service, port.getHost().port
+
+        return listening.addCallback(started)
+
+    yield start
+    for service, port in running:
+        pytest_twisted.blockon(port.stopListening())
+        pytest_twisted.blockon(service.stopService())

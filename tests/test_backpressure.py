@@ -3,10 +3,8 @@
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from iw_relay.config import RelayConfig
-from iw_relay.service import RelayService
 from tests.clients import join
 
 MAX_SEND_BUFFER = 256 * 1024
@@ -15,15 +13,9 @@ FLOOD = 400  # 400 x 32 KiB = 12.5 MiB: more than loopback socket buffers can hi
 
 
 @pytest.fixture
-def server():
+def server(serve):
     config = RelayConfig(ping_interval=0, rate_limit=100_000, max_send_buffer=MAX_SEND_BUFFER)
-    service = RelayService(config, listen=False)
-    service.startService()
-    port = pytest_twisted.blockon(
-        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.site))
-    yield service, port.getHost().port
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(service.stopService())
+    return pytest_twisted.blockon(serve(config))
 
 
 def largest_backlog(service):

@@ -7,11 +7,10 @@ import struct
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 from iw_relay.config import RelayConfig
-from iw_relay.service import RelayService
 from tests.clients import join
 
 FUZZERS = 24
@@ -79,16 +78,10 @@ class Fuzzer(Protocol):
 
 
 @pytest.fixture
-def server():
+def server(serve):
     config = RelayConfig(ping_interval=0, rate_limit=10_000, max_connections_per_ip=0,
                          max_message_size=64 * 1024)
-    service = RelayService(config, listen=False)
-    service.startService()
-    port = pytest_twisted.blockon(
-        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.site))
-    yield service, port.getHost().port
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(service.stopService())
+    return pytest_twisted.blockon(serve(config))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

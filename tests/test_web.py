@@ -19,15 +19,8 @@ from tests.clients import connect, join
 
 
 @pytest.fixture
-def server():
-    """A RelayService whose Site listens on a free loopback port; yields (service, port)."""
-    service = RelayService(RelayConfig(ping_interval=0), listen=False)
-    service.startService()
-    port = pytest_twisted.blockon(
-        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.site))
-    yield service, port.getHost().port
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(service.stopService())
+def server(serve):
+    return pytest_twisted.blockon(serve(RelayConfig(ping_interval=0)))
 
 
 def http_get(url):
