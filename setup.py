@@ -13,12 +13,17 @@ setup(
     install_requires=[
         "twisted[tls]>=24.7",
         "pyjwt>=2.8",
+        "prometheus-client>=0.20",
         "autobahn>=26.10",
         "service-identity",
         "pyopenssl",
     ],
     extras_require={
         "test": ["pytest", "pytest-twisted", "treq", "trustme", "hypothesis", "ruff"],
+        "bench": ["uvloop"],
+    },
+    entry_points={
+        "console_scripts": ["iwrelay-bench = iw_relay.bench.cli:main"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -151,6 +151,8 @@ class RelayConfig:
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     auth_secret: bytes | None = field(default=None, repr=False)
+    metrics_port: str | None = None
+    drain_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -191,6 +193,8 @@ OPTION_PARSERS = {
     "flood-windows": ("flood_windows", parse_count),
     "auth-secret": ("auth_secret", _secret),
     "auth-secret-file": ("auth_secret", read_secret_file),
+    "metrics-port": ("metrics_port", str.strip),
+    "drain-timeout": ("drain_timeout", parse_duration),
 }
 
 # Repeatable options: option name -> (RelayConfig field, parser of one value). In the

@@ -126,6 +126,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
         address = client_address(peer,
                                  headers.get("x-forwarded-for"), headers.get("x-real-ip"),
                                  factory.trusted_proxies)
+        if factory.registry.stopping:
+            factory.registry.count_refused("shutting-down")
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Server shutting down")
         if not origin_allowed(headers.get("origin"), factory.allowed_origins):
             factory.registry.count_refused("origin")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
@@ -183,6 +186,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._joined:
             return
+        self.factory.registry.stats.bytesReceived += len(payload)
         try:
             self._relay(payload)
         except Exception:
@@ -220,7 +224,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._joined:
             self._joined = False
-            self.factory.registry.leave(self)
+            # The code this side sent when it closed first, else the peer's (1006: dropped).
+            close_code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
+            self.factory.registry.leave(self, close_code)
 
     # -- flow control (IPushProducer) ----------------------------------------------------
 
@@ -251,6 +257,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
         data = frame.payloadHybi
+        self.factory.registry.stats.bytesSent += len(data)
         if not self._paused:
             self.transport.write(data)
             return

@@ -13,16 +13,18 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from iw_relay import messages
 from iw_relay.config import RelayConfig
+from iw_relay.metrics import relay_time_histogram
 
 
 class Member(Protocol):
@@ -55,6 +57,8 @@ class RelayStats:
     rateLimitsHit: int = 0
     slowConsumersDropped: int = 0
     connectionsRefused: int = 0
+    bytesReceived: int = 0
+    bytesSent: int = 0
 
 
 class RoomRegistry(Service):
@@ -73,6 +77,8 @@ class RoomRegistry(Service):
         self.wall_clock = wall_clock
         self.stats = RelayStats()
         self.refusals: Counter[str] = Counter()
+        self.closes: Counter[int] = Counter()
+        self.relay_seconds = relay_time_histogram()
         self.started_at = clock.seconds()
         self.start_time_ms = int(wall_clock() * 1000)
         self.rooms: dict[str, Room] = {}
@@ -80,6 +86,7 @@ class RoomRegistry(Service):
         self._sweeper = LoopingCall(self.sweep_expired)
         self._sweeper.clock = clock
         self._emptied: list[Deferred[None]] = []
+        self._shut_down: Deferred[None] | None = None
         self.stopping = False
 
     # -- membership ------------------------------------------------------------------
@@ -107,11 +114,15 @@ class RoomRegistry(Service):
         self._fan_out(room, messages.user_joined(member.connection_id, count), member)
         return room
 
-    def leave(self, member: Member) -> None:
-        """Remove `member` wherever it is; a second call for the same member does nothing."""
+    def leave(self, member: Member, close_code: int | None = None) -> None:
+        """Remove `member` wherever it is; a second call for the same member does nothing.
+
+        `close_code` is how its connection closed (1006 when it simply dropped).
+        """
         room = self._room_of.pop(member, None)
         if room is None:
             return
+        self.closes[close_code or 1006] += 1
         del room.members[member.connection_id]
         self.stats.disconnectionsTotal += 1
         count = len(room.members)
@@ -143,7 +154,9 @@ class RoomRegistry(Service):
         if room is None:
             return
         self.stats.messagesRelayed += 1
+        started = perf_counter()
         self._fan_out(room, payload, sender)
+        self.relay_seconds.observe(perf_counter() - started)
 
     def _fan_out(self, room: Room, payload: bytes, exclude: Member | None) -> None:
         if len(room.members) < 2 and exclude is not None:
@@ -211,20 +224,40 @@ class RoomRegistry(Service):
         self._sweeper.start(self.config.cleanup_interval, now=False)
 
     def stopService(self) -> Deferred[None]:
-        """Tell every member the server is going, close them with 1001, wait for them."""
         super().stopService()
-        self.stopping = True
-        if self._sweeper.running:
-            self._sweeper.stop()
+        return self.shut_down()
+
+    def shut_down(self) -> Deferred[None]:
+        """Say goodbye to every member; fires when they are all gone or time is up.
+
+        Members get `server-shutdown` at once (and `stopping` makes /health answer 503
+        and new handshakes be refused); those still here after --drain-timeout are closed
+        with 1001; the Deferred fires when the last has gone, or --shutdown-timeout later.
+        Calling it again returns the same Deferred.
+        """
+        if self._shut_down is None:
+            self.stopping = True
+            if self._sweeper.running:
+                self._sweeper.stop()
+            self._shut_down = Deferred.fromCoroutine(self._say_goodbye_to_everyone())
+        return self._shut_down
+
+    async def _say_goodbye_to_everyone(self) -> None:
         members = list(self._room_of)
         if not members:
-            return succeed(None)
-        self._log.info("shutting down: closing {count} connections", count=len(members))
+            return
+        self._log.info("shutting down: {count} connections", count=len(members))
         notice = self.prepare(messages.server_shutdown())
         for member in members:
-            self._say_goodbye(member, notice, messages.CLOSE_GOING_AWAY,
-                              messages.SHUTDOWN_REASON)
-        return self._wait_until_empty(self.config.shutdown_timeout)
+            with self._log.failuresHandled("notifying {connection_id} failed",
+                                           connection_id=member.connection_id):
+                member.deliver(notice)
+        if self.config.drain_timeout > 0:
+            await self._wait_until_empty(self.config.drain_timeout)
+        for member in list(self._room_of):
+            self._close_quietly(member, messages.CLOSE_GOING_AWAY, messages.SHUTDOWN_REASON)
+        if self._room_of:
+            await self._wait_until_empty(self.config.shutdown_timeout)
 
     def _wait_until_empty(self, timeout: float) -> Deferred[None]:
         emptied: Deferred[None] = Deferred()
@@ -234,7 +267,7 @@ class RoomRegistry(Service):
         return emptied
 
     def _give_up_waiting(self, emptied: Deferred[None]) -> None:
-        self._log.warn("shutdown timeout: {count} connections did not close",
+        self._log.info("{count} connections still open after the wait",
                        count=self.connection_count)
         if emptied in self._emptied:
             self._emptied.remove(emptied)

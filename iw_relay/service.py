@@ -8,9 +8,11 @@ from collections.abc import Callable
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from iw_relay.config import RelayConfig
+from iw_relay.metrics import metrics_root
 from iw_relay.protocol import RelayServerFactory, prepare_frame
 from iw_relay.registry import RoomRegistry
 from iw_relay.web import RelayResource, RelaySite
@@ -42,8 +44,21 @@ class RelayService(MultiService):
         # The Site's idle timeout is also the deadline for a request to arrive: a client that
         # opens TCP and never sends its handshake (slowloris) is dropped after it.
         self.site = RelaySite(self.resource, timeout=config.handshake_timeout, reactor=clock)
-        # Listening services come last, so that they stop first: no new client arrives
-        # while the registry says goodbye to the connected ones.
         if listen:
             for description in config.ports:
                 strports.service(description, self.site, reactor=reactor).setServiceParent(self)
+            if config.metrics_port:
+                metrics_site = RelaySite(metrics_root(self.registry), reactor=clock)
+                strports.service(config.metrics_port, metrics_site,
+                                 reactor=reactor).setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        """Drain first, while still listening: /health says "draining" (503) so load
+        balancers send new clients elsewhere, and new handshakes are refused. Then stop."""
+        # A Deferred of our own: chained on the registry's, the stop would wait on
+        # MultiService.stopService, which waits on the registry's stopService, which
+        # returns that same Deferred, so it would never fire (SIGTERM never finished).
+        drained: Deferred[None] = Deferred()
+        self.registry.shut_down().addBoth(drained.callback)
+        drained.addCallback(lambda _: super(RelayService, self).stopService())
+        return drained

@@ -51,6 +51,10 @@ _HELP = {
     "auth-secret": "HS256 secret: clients must pass ?token=JWT naming their room "
     "[default: off]. Prefer --auth-secret-file: a command line is visible to other users.",
     "auth-secret-file": "File holding the HS256 secret for ?token= [default: off].",
+    "metrics-port": "Endpoint serving Prometheus /metrics, e.g. "
+    "tcp:9100:interface=127.0.0.1 [default: off].",
+    "drain-timeout": "On stop, time members get to leave on their own after "
+    "server-shutdown before they are closed [default: 0s].",
 }
 
 
@@ -112,13 +116,15 @@ class Options(usage.Options):
                 raise usage.UsageError(f"{source}: {problem}") from None
         ports = self["port"] or from_env.get("port", "").split() or list(RelayConfig.ports)
         for port in ports:
-            self._check_endpoint(port)
+            self._check_endpoint(port, "--port")
+        if changes.get("metrics_port"):
+            self._check_endpoint(changes["metrics_port"], "--metrics-port")
         try:
             self.config = RelayConfig(ports=tuple(ports), **changes)
         except ValueError as problem:
             raise usage.UsageError(str(problem)) from None
 
-    def _check_endpoint(self, description: str) -> None:
+    def _check_endpoint(self, description: str, option: str) -> None:
         """Parse the endpoint now (it reads TLS files), so a typo fails before listening."""
         if self._reactor is None:
             from twisted.internet import reactor
@@ -127,7 +133,7 @@ class Options(usage.Options):
         try:
             serverFromString(reactor, description)
         except Exception as problem:
-            raise usage.UsageError(f"--port {description!r}: {problem}") from None
+            raise usage.UsageError(f"{option} {description!r}: {problem}") from None
 
 
 class TwistdRelayService(RelayService):

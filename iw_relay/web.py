@@ -65,8 +65,10 @@ class HealthResource(Resource):
         registry = self._registry
         now = datetime.fromtimestamp(self._wall_clock(), UTC)
         used, total = memory_megabytes()
+        if registry.stopping:
+            request.setResponseCode(503)
         return _json_response(request, {
-            "status": "healthy",
+            "status": "draining" if registry.stopping else "healthy",
             "uptime": registry.clock.seconds() - registry.started_at,
             "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "rooms": len(registry.rooms),

@@ -1,0 +1,90 @@
+"""Prometheus metrics, read from the registry's counters at scrape time.
+
+Nothing here runs per message except the relay-time histogram; everything else is
+collected when Prometheus asks. No label ever carries a room id or a client address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+if TYPE_CHECKING:
+    from iw_relay.registry import RoomRegistry
+
+ROOM_SIZE_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
+RELAY_SECONDS_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
+
+
+def relay_time_histogram() -> Histogram:
+    """Time spent relaying one accepted message to its room (not yet registered)."""
+    return Histogram("iwrelay_relay_seconds", "Time spent relaying one message to its room",
+                     buckets=RELAY_SECONDS_BUCKETS, registry=None)
+
+
+class RelayCollector:
+    """Exports the registry's counters and gauges."""
+
+    def __init__(self, registry: RoomRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self._registry
+        stats = registry.stats
+        sizes = [len(room.members) for room in list(registry.rooms.values())]
+        yield GaugeMetricFamily("iwrelay_rooms", "Rooms with at least one member",
+                                value=len(sizes))
+        yield GaugeMetricFamily("iwrelay_connections", "Members of a room, now",
+                                value=registry.connection_count)
+        yield HistogramMetricFamily(
+            "iwrelay_room_size", "Members per room, now",
+            buckets=[*((str(le), sum(size <= le for size in sizes))
+                       for le in ROOM_SIZE_BUCKETS), ("+Inf", len(sizes))],
+            sum_value=sum(sizes),
+        )
+        yield CounterMetricFamily("iwrelay_connections_opened",
+                                  "Connections that joined a room",
+                                  value=stats.connectionsTotal)
+        closed = CounterMetricFamily("iwrelay_connections_closed",
+                                     "Members that left, by WebSocket close code",
+                                     labels=["code"])
+        for code, count in sorted(registry.closes.items()):
+            closed.add_metric([str(code)], count)
+        yield closed
+        refused = CounterMetricFamily("iwrelay_handshakes_refused",
+                                      "Connections refused before joining, by reason",
+                                      labels=["reason"])
+        for reason, count in sorted(registry.refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        for name, doc, value in (
+            ("iwrelay_messages_relayed", "Accepted messages", stats.messagesRelayed),
+            ("iwrelay_received_bytes", "Message bytes received from members",
+             stats.bytesReceived),
+            ("iwrelay_sent_bytes", "Frame bytes sent to members", stats.bytesSent),
+            ("iwrelay_rate_limited_messages", "Messages dropped by the rate limit",
+             stats.rateLimitsHit),
+            ("iwrelay_slow_consumers_dropped", "Members closed for not reading",
+             stats.slowConsumersDropped),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+def metrics_root(registry: RoomRegistry) -> Resource:
+    """A root resource with /metrics, for the separate --metrics-port Site."""
+    collectors = CollectorRegistry(auto_describe=True)
+    collectors.register(RelayCollector(registry))
+    collectors.register(registry.relay_seconds)
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=collectors))
+    return root
