@@ -19,7 +19,7 @@ setup(
         "pyopenssl",
     ],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "treq", "trustme", "hypothesis", "ruff"],
+        "test": ["pytest", "pytest-twisted", "pytest-timeout", "treq", "trustme", "hypothesis", "ruff", "pyyaml"],
         "bench": ["uvloop"],
     },
     entry_points={
