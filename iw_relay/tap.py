@@ -7,12 +7,13 @@ level) happen here and nowhere else, so `RelayService` stays embeddable.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from collections.abc import Mapping
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
@@ -25,6 +26,8 @@ from iw_relay.config import (
     settings_from_environment,
 )
 from iw_relay.service import RelayService
+
+_log = Logger()
 
 _HELP = {
     "rate-limit": "Messages per window per connection [default: 100].",
@@ -146,6 +149,23 @@ class TwistdRelayService(RelayService):
             parent.setComponent(ILogObserver, logs.make_observer(self.config, sys.stdout))
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one: every client is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            _log.warn("could not raise the open-files limit above {soft}", soft=soft)
+            return soft
+        _log.info("open-files limit raised from {soft} to {target}", soft=soft, target=target)
+        return target
+    _log.info("open-files limit is {soft}", soft=soft)
+    return soft
+
+
 def makeService(options: Options) -> IService:
     logs.quiet_autobahn()
+    raise_open_files_limit()
     return TwistdRelayService(options.config)

@@ -164,3 +164,20 @@ def test_make_service_builds_the_tree():
     assert children[0] is service.registry
     assert [type(child).__name__ for child in children[1:]] == [
         "StreamServerEndpointService", "StreamServerEndpointService"]
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit():
+    import resource
+
+    from iw_relay.tap import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lower = min(soft, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lower, hard))
+    try:
+        raised = raise_open_files_limit()
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == now
+        assert now == (hard if hard != resource.RLIM_INFINITY else max(lower, 1 << 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
