@@ -7,15 +7,20 @@ from collections.abc import Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from iw_relay.config import RelayConfig
 from iw_relay.metrics import metrics_root
 from iw_relay.protocol import RelayServerFactory, prepare_frame
 from iw_relay.registry import RoomRegistry
 from iw_relay.web import RelayResource, RelaySite
+
+TLS_PREFIXES = ("ssl:", "tls:")
+_log = Logger()
 
 
 class RelayService(MultiService):
@@ -44,13 +49,39 @@ class RelayService(MultiService):
         # The Site's idle timeout is also the deadline for a request to arrive: a client that
         # opens TCP and never sends its handshake (slowloris) is dropped after it.
         self.site = RelaySite(self.resource, timeout=config.handshake_timeout, reactor=clock)
+        self._reactor = reactor
+        self._listeners: dict[str, IService] = {}
         if listen:
             for description in config.ports:
-                strports.service(description, self.site, reactor=reactor).setServiceParent(self)
+                self._listeners[description] = self._listen(description)
             if config.metrics_port:
                 metrics_site = RelaySite(metrics_root(self.registry), reactor=clock)
                 strports.service(config.metrics_port, metrics_site,
                                  reactor=reactor).setServiceParent(self)
+
+    def _listen(self, description: str) -> IService:
+        listener = strports.service(description, self.site, reactor=self._reactor)
+        listener.setServiceParent(self)
+        return listener
+
+    async def reload_certificates(self) -> None:
+        """Re-read the certificate files of every TLS port (on SIGHUP, after a renewal).
+
+        Each TLS port is parsed again (a broken file keeps the old one in use), then its
+        listening socket is replaced. Open connections are not touched: they keep the
+        certificate they started with; new ones get the new certificate.
+        """
+        for description, listener in list(self._listeners.items()):
+            if not description.startswith(TLS_PREFIXES):
+                continue
+            try:
+                serverFromString(self._reactor, description)
+            except Exception:
+                _log.failure("certificate reload failed; the old certificate stays in use")
+                continue
+            await listener.disownServiceParent()
+            self._listeners[description] = self._listen(description)
+        _log.info("certificates reloaded")
 
     def stopService(self) -> Deferred[None]:
         """Drain first, while still listening: /health says "draining" (503) so load

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 from collections.abc import Mapping
 
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -165,7 +167,19 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def reload_on_sighup(service: RelayService) -> None:
+    """SIGHUP re-reads the TLS certificate files (certbot's deploy hook sends it)."""
+    from twisted.internet import reactor
+
+    def reload() -> None:
+        Deferred.fromCoroutine(service.reload_certificates())
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+
+
 def makeService(options: Options) -> IService:
     logs.quiet_autobahn()
     raise_open_files_limit()
-    return TwistdRelayService(options.config)
+    service = TwistdRelayService(options.config)
+    reload_on_sighup(service)
+    return service
