@@ -1,0 +1,123 @@
+"""The .tac examples in tap/, run as a user would: `twistd -ny tap/....tac`, in a
+subprocess, with real clients over loopback."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.clients import connect, join
+from tests.test_twistd import (
+    CHECKOUT,
+    LOOPBACK,
+    NOT_FOUND_TEXT,
+    SHUTDOWN_MESSAGE,
+    TWISTD,
+    assert_exited_by,
+    get_json,
+    http_get,
+    spawn,  # noqa: F401 (a fixture)
+    stop_relay,
+    within,
+)
+
+TAP = CHECKOUT / "tap"
+
+
+def run_tac(spawn, name: str, env: dict[str, str]):  # noqa: F811
+    return spawn([TWISTD, "-n", "--pidfile=", "-y", str(TAP / name)], env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_application_adopts_the_relay(spawn):  # noqa: F811
+    room = "AdoptedRoomK4"
+    relay = await run_tac(spawn, "iwrelay.tac", {"IWRELAY_PORT": LOOPBACK}).wait_listening()
+    port = relay.port
+    assert "Loading" in relay.stdout and "iwrelay.tac" in relay.stdout
+
+    alice = await join(reactor, port, room)
+    bob = await connect(reactor, port, f"/?room={room}")
+    await within(bob.wait_for(1))
+    assert bob.received[0]["userCount"] == 2
+    alice.send_json({"type": "op", "text": "hello"})
+    relayed = (await within(bob.wait_for(2)))[1]
+    assert relayed["text"] == "hello"
+    assert relayed["connectionId"] == alice.received[0]["connectionId"]
+    health = await get_json(port, "/health")
+    assert (health["status"], health["rooms"], health["connections"]) == ("healthy", 1, 2)
+    assert (await get_json(port, "/stats"))["messagesRelayed"] == 1
+    refused = await connect(reactor, port, "/room/")
+    assert (await within(refused.closed))[0] == 1008
+
+    # The application's stop is the relay's: goodbye, 1001, exit.
+    returncode = await stop_relay(relay, [alice, bob])
+    assert_exited_by(returncode, signal.SIGTERM, relay)
+    for member in (alice, bob):
+        assert member.received[-1] == SHUTDOWN_MESSAGE
+    assert room not in relay.stdout + relay.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_mounted_under_an_application_site(spawn):  # noqa: F811
+    room = "MountedRoomQ7"
+    env = {"APP_PORT": LOOPBACK, "IWRELAY_ROOM_EXPIRY": "2s",
+           "IWRELAY_CLEANUP_INTERVAL": "100ms"}
+    app = await run_tac(spawn, "mounted.tac", env).wait_listening()
+    port = app.port
+
+    # The application's own pages, next to the relay's.
+    code, headers, body = await http_get(port, "/")
+    assert code == 200 and b"My app's own page." in body
+    assert headers["content-type"] == ["text/html; charset=utf-8"]
+    code, _, body = await http_get(port, "/elsewhere")
+    assert code == 404 and body != NOT_FOUND_TEXT  # the application's 404, not the relay's
+    health = await get_json(port, "/relay/health")
+    assert (health["status"], health["connections"]) == ("healthy", 0)
+    assert (await get_json(port, "/relay/stats"))["connectionsTotal"] == 0
+    assert (await http_get(port, "/relay/nothing"))[::2] == (404, NOT_FOUND_TEXT)
+    # The relay answers under /relay only.
+    try:
+        stray = await within(connect(reactor, port, "/room/stray"))
+    except ConnectionError:
+        stray = None
+    assert stray is None, "a WebSocket outside /relay was accepted"
+
+    # Path form under the mount, and the query form on the mount point with and without
+    # its trailing slash: all one room.
+    alice = await connect(reactor, port, f"/relay/room/{room}")
+    members = [alice]
+    for path in (f"/relay?room={room}", f"/relay/?room={room}", f"/relay/room/{room}/x"):
+        members.append(await connect(reactor, port, path))
+    for count, member in enumerate(members, 1):
+        connected = (await within(member.wait_for(1)))[0]
+        assert (connected["roomId"], connected["userCount"]) == (room, count)
+    alice.send_json({"type": "op", "n": 1})
+    for number, member in enumerate(members[1:], 1):
+        # connected, user-joined for each later member, then the op
+        await within(member.wait_for(1 + (len(members) - 1 - number) + 1))
+        assert [op["n"] for op in member.messages_of("op")] == [1]
+    health = await get_json(port, "/relay/health")
+    assert (health["rooms"], health["connections"]) == (1, 4)
+
+    # The expiry sweep runs: the room ends 2 s after its creation.
+    for member in members:
+        assert await within(member.closed) == (1000, "Room expired after 2 seconds")
+        assert member.messages_of("room-expired") == [
+            {"type": "room-expired", "message": "Room expired after 2 seconds"}]
+    health = await get_json(port, "/relay/health")
+    assert (health["rooms"], health["connections"]) == (0, 0)
+
+    # ...and so does the shutdown.
+    late = await connect(reactor, port, "/relay/room/LateRoom")
+    await within(late.wait_for(1))
+    returncode = await stop_relay(app, [late])
+    assert_exited_by(returncode, signal.SIGTERM, app)
+    assert late.received[-1] == SHUTDOWN_MESSAGE
+
+    # The application logs its own requests, not the relay's (their paths hold room ids).
+    output = app.stdout + app.stderr
+    assert '"GET / HTTP/1.1" 200' in output and '"GET /elsewhere HTTP/1.1" 404' in output
+    assert "/relay" not in output
+    assert room not in output and "LateRoom" not in output
