@@ -253,22 +253,24 @@ class RoomRegistry(Service):
                                            connection_id=member.connection_id):
                 member.deliver(notice)
         if self.config.drain_timeout > 0:
-            await self._wait_until_empty(self.config.drain_timeout)
+            await self._wait_until_empty(self.config.drain_timeout, "drain")
         for member in list(self._room_of):
             self._close_quietly(member, messages.CLOSE_GOING_AWAY, messages.SHUTDOWN_REASON)
         if self._room_of:
-            await self._wait_until_empty(self.config.shutdown_timeout)
+            await self._wait_until_empty(self.config.shutdown_timeout, "shutdown")
 
-    def _wait_until_empty(self, timeout: float) -> Deferred[None]:
+    def _wait_until_empty(self, timeout: float, wait: str) -> Deferred[None]:
         emptied: Deferred[None] = Deferred()
         self._emptied.append(emptied)
-        timer = self.clock.callLater(timeout, self._give_up_waiting, emptied)
+        timer = self.clock.callLater(timeout, self._give_up_waiting, emptied, wait)
         emptied.addBoth(lambda result: timer.cancel() if timer.active() else None)
         return emptied
 
-    def _give_up_waiting(self, emptied: Deferred[None]) -> None:
-        self._log.info("{count} connections still open after the wait",
-                       count=self.connection_count)
+    def _give_up_waiting(self, emptied: Deferred[None], wait: str) -> None:
+        # After the drain, staying is allowed; after the shutdown timeout, it is not.
+        log = self._log.info if wait == "drain" else self._log.warn
+        log("{count} connections still open after the {wait} timeout",
+            count=self.connection_count, wait=wait)
         if emptied in self._emptied:
             self._emptied.remove(emptied)
         emptied.callback(None)

@@ -142,13 +142,37 @@ class Options(usage.Options):
 
 
 class TwistdRelayService(RelayService):
-    """RelayService that, when twistd adopts it, gives twistd's Application its log
-    observer, so --log-level and --log-format govern every line twistd prints."""
+    """RelayService as the twistd plugin runs it.
+
+    When twistd adopts it, it gives twistd's Application its log observer, so --log-level
+    and --log-format govern every line twistd prints. Once the reactor runs, SIGTERM and
+    SIGINT stop it gracefully and the process exits 0: Twisted's own handlers make it
+    kill itself with the signal after a clean stop, which reads as a crash to anything
+    but systemd.
+    """
 
     def setServiceParent(self, parent: object) -> None:
         super().setServiceParent(parent)
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
             parent.setComponent(ILogObserver, logs.make_observer(self.config, sys.stdout))
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        reactor.callWhenRunning(self._stop_on_signals, reactor)
+
+    def _stop_on_signals(self, reactor: object) -> None:
+        def stop(signum: int, frame: object) -> None:
+            reactor.callFromThread(self._stop_reactor, reactor, signal.Signals(signum).name)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+
+    def _stop_reactor(self, reactor: object, name: str) -> None:
+        _log.info("received {signal}: shutting down", signal=name)
+        if reactor.running:
+            reactor.stop()
 
 
 def raise_open_files_limit() -> int:

@@ -53,7 +53,7 @@ async def test_application_adopts_the_relay(spawn):  # noqa: F811
 
     # The application's stop is the relay's: goodbye, 1001, exit.
     returncode = await stop_relay(relay, [alice, bob])
-    assert_exited_by(returncode, signal.SIGTERM, relay)
+    assert_exited_by(returncode, signal.SIGTERM, relay, plugin=False)
     for member in (alice, bob):
         assert member.received[-1] == SHUTDOWN_MESSAGE
     assert room not in relay.stdout + relay.stderr
@@ -113,7 +113,7 @@ async def test_relay_mounted_under_an_application_site(spawn):  # noqa: F811
     late = await connect(reactor, port, "/relay/room/LateRoom")
     await within(late.wait_for(1))
     returncode = await stop_relay(app, [late])
-    assert_exited_by(returncode, signal.SIGTERM, app)
+    assert_exited_by(returncode, signal.SIGTERM, app, plugin=False)
     assert late.received[-1] == SHUTDOWN_MESSAGE
 
     # The application logs its own requests, not the relay's (their paths hold room ids).
