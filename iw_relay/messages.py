@@ -48,9 +48,12 @@ class MessageError(Exception):
         self.message = message
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """Compact, ASCII-only JSON: lone surrogates stay valid \\u escapes."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return _encoder.encode(message).encode("ascii")
 
 
 def _refuse_constant(name: str) -> None:

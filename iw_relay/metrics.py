@@ -6,10 +6,12 @@ collected when Prometheus asks. No label ever carries a room id or a client addr
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,10 +28,31 @@ ROOM_SIZE_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
 RELAY_SECONDS_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 
 
-def relay_time_histogram() -> Histogram:
-    """Time spent relaying one accepted message to its room (not yet registered)."""
-    return Histogram("iwrelay_relay_seconds", "Time spent relaying one message to its room",
-                     buckets=RELAY_SECONDS_BUCKETS, registry=None)
+class DurationHistogram:
+    """Durations counted per bucket, exported as a Prometheus histogram at scrape time.
+
+    prometheus_client's Histogram takes a lock per observation: ~4 us, a tenth of the
+    CPU the relay spends on a message. This costs a bisect and two additions.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = RELAY_SECONDS_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative = list(accumulate(self.counts))
+        buckets = [(f"{bound:g}", count)
+                   for bound, count in zip(self.bounds, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", cumulative[-1]))
+        return HistogramMetricFamily(name, documentation, buckets=buckets,
+                                     sum_value=self.total)
 
 
 class RelayCollector:
@@ -78,13 +101,14 @@ class RelayCollector:
              stats.slowConsumersDropped),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield registry.relay_seconds.family("iwrelay_relay_seconds",
+                                            "Time spent relaying one message to its room")
 
 
 def metrics_root(registry: RoomRegistry) -> Resource:
     """A root resource with /metrics, for the separate --metrics-port Site."""
     collectors = CollectorRegistry(auto_describe=True)
     collectors.register(RelayCollector(registry))
-    collectors.register(registry.relay_seconds)
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=collectors))
     return root

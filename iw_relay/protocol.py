@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from iw_relay import messages
+from iw_relay import autobahn_tuning, messages
 from iw_relay.admission import (
     ConnectionCounter,
     client_address,
@@ -296,6 +296,7 @@ class RelayServerFactory(WebSocketServerFactory):
         clock: IReactorTime,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        autobahn_tuning.apply()
         super().__init__(server="iw-relay")
         self.registry = registry
         self.config = config

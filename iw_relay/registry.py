@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from iw_relay import messages
 from iw_relay.config import RelayConfig
-from iw_relay.metrics import relay_time_histogram
+from iw_relay.metrics import DurationHistogram
 
 
 class Member(Protocol):
@@ -78,7 +78,7 @@ class RoomRegistry(Service):
         self.stats = RelayStats()
         self.refusals: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()
-        self.relay_seconds = relay_time_histogram()
+        self.relay_seconds = DurationHistogram()
         self.started_at = clock.seconds()
         self.start_time_ms = int(wall_clock() * 1000)
         self.rooms: dict[str, Room] = {}

@@ -20,7 +20,6 @@ def exported_names():
     registry = RoomRegistry(RelayConfig(), Clock())
     collectors = CollectorRegistry()
     collectors.register(RelayCollector(registry))
-    collectors.register(registry.relay_seconds)
     text = generate_latest(collectors).decode()
     return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}, text
 

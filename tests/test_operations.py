@@ -97,3 +97,18 @@ def test_draining_health_and_the_drain_timeout(make_relay):
     assert (stayer.close_code, stayer.close_reason) == (1001, "Server shutting down")
     assert stopped.called
     assert relay.registry.refusals["shutting-down"] == 1
+
+
+def test_duration_histogram_buckets_are_inclusive_and_cumulative():
+    from iw_relay.metrics import DurationHistogram
+
+    histogram = DurationHistogram((0.001, 0.01))
+    for seconds in (0.0005, 0.001, 0.005, 0.02):
+        histogram.observe(seconds)
+    family = histogram.family("x_seconds", "test")
+    found = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert found[("x_seconds_bucket", "0.001")] == 2
+    assert found[("x_seconds_bucket", "0.01")] == 3
+    assert found[("x_seconds_bucket", "+Inf")] == 4
+    assert found[("x_seconds_count", None)] == 4
+    assert abs(found[("x_seconds_sum", None)] - 0.0265) < 1e-9
