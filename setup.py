@@ -19,7 +19,10 @@ setup(
         "pyopenssl",
     ],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "pytest-timeout", "treq", "trustme", "hypothesis", "ruff", "pyyaml"],
+        "test": [
+            "pytest", "pytest-twisted", "pytest-timeout", "treq", "trustme", "hypothesis",
+            "ruff", "pyyaml", "docutils",
+        ],
         "bench": ["uvloop"],
     },
     entry_points={
