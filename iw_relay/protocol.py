@@ -33,6 +33,7 @@ from iw_relay.admission import (
     token_allows,
 )
 from iw_relay.config import RelayConfig
+from iw_relay.fastframe import next_simple_frame
 from iw_relay.ratelimit import FixedWindowLimiter
 from iw_relay.registry import RoomRegistry, room_hash
 
@@ -100,6 +101,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _token: str | None = None
     _limiter: FixedWindowLimiter | None = None
     _joined = False
+    #: Take simple frames on the lean path; False leaves every frame to Autobahn.
+    fast_frames = True
     _paused = False
     _backlog: list[bytes] | None = None
     _backlog_bytes = 0
@@ -182,6 +185,37 @@ class RelayServerProtocol(WebSocketServerProtocol):
         )
         self._joined = True
         factory.registry.join(self, room_id)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Take simple frames on the lean path (fastframe.py); hand the rest to Autobahn."""
+        if (not self.fast_frames or self.state != WebSocketProtocol.STATE_OPEN or self.data
+                or self.current_frame is not None or self.inside_message):
+            super().dataReceived(data)
+            return
+        start = 0
+        max_size = self._max_payload
+        stats = self.trafficStats
+        while start < len(data) and self.state == WebSocketProtocol.STATE_OPEN:
+            frame = next_simple_frame(data, start, max_size)
+            if frame is None:
+                break
+            payload, is_binary, end = frame
+            # What Autobahn would have done for this frame, besides delivering it.
+            stats.incomingOctetsWireLevel += end - start
+            stats.incomingWebSocketFrames += 1
+            stats.incomingWebSocketMessages += 1
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
+            start = end
+            self.onMessage(payload, is_binary)
+        if start < len(data):
+            super().dataReceived(data[start:] if start else data)
+
+    @property
+    def _max_payload(self) -> int:
+        limits = [size for size in (self.maxFramePayloadSize, self.maxMessagePayloadSize)
+                  if size > 0]
+        return min(limits) if limits else 0
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._joined:
