@@ -40,25 +40,23 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def parse_positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int, meaning: str = "") -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
         raise ValueError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{text!r} must be at least 1")
+    if value < minimum:
+        raise ValueError(f"{text!r} must be at least {minimum}{meaning}")
     return value
+
+
+def parse_positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def parse_count(text: str) -> int:
     """A whole number, 0 meaning unlimited."""
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise ValueError(f"{text!r} must not be negative (0 means unlimited)")
-    return value
+    return _whole_number(text, 0, " (0 means unlimited)")
 
 
 def parse_cidr(text: str) -> str:
