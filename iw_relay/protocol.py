@@ -26,7 +26,6 @@ from zope.interface import implementer
 
 from iw_relay import autobahn_tuning, messages
 from iw_relay.admission import (
-    ConnectionCounter,
     client_address,
     origin_allowed,
     parse_networks,
@@ -135,19 +134,19 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if not origin_allowed(headers.get("origin"), factory.allowed_origins):
             factory.registry.count_refused("origin")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
-        refusal = factory.connections.refusal(address, config.max_connections,
+        refusal = factory.registry.connections.refusal(address, config.max_connections,
                                               config.max_connections_per_ip)
         if refusal is not None:
             factory.registry.count_refused(refusal)
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Too many connections")
         self.client_address = address
-        factory.connections.add(address)
+        factory.registry.connections.add(address)
         self._requested_room = requested_room(request.path, request.params)
         self._token = (request.params.get("token") or [None])[0]
 
     def connectionLost(self, reason: object = None) -> None:
         if self.client_address is not None:
-            self.factory.connections.remove(self.client_address)
+            self.factory.registry.connections.remove(self.client_address)
             self.client_address = None
         super().connectionLost(reason)
 
@@ -337,7 +336,6 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
-        self.connections = ConnectionCounter()
         self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.allowed_origins = frozenset(config.allowed_origins)
         self.setProtocolOptions(

@@ -23,6 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from iw_relay import messages
+from iw_relay.admission import ConnectionCounter
 from iw_relay.config import RelayConfig
 from iw_relay.metrics import DurationHistogram
 
@@ -77,6 +78,8 @@ class RoomRegistry(Service):
         self.wall_clock = wall_clock
         self.stats = RelayStats()
         self.refusals: Counter[str] = Counter()
+        #: Open WebSockets (joined or not), in all and per client address.
+        self.connections = ConnectionCounter()
         self.closes: Counter[int] = Counter()
         self.relay_seconds = DurationHistogram()
         self.started_at = clock.seconds()

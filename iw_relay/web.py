@@ -95,6 +95,8 @@ class StatsResource(Resource):
             "rateLimitsHit": stats.rateLimitsHit,
             "slowConsumersDropped": stats.slowConsumersDropped,
             "connectionsRefused": stats.connectionsRefused,
+            "openWebSockets": registry.connections.total,
+            "trackedAddresses": len(registry.connections.per_address),
             "startTime": registry.start_time_ms,
             "currentRooms": len(registry.rooms),
             "currentConnections": registry.connection_count,

@@ -64,6 +64,7 @@ async def test_health_and_stats(server):
     stats = await get_json(port, "/stats")
     assert set(stats) == {"messagesRelayed", "connectionsTotal", "disconnectionsTotal",
                           "rateLimitsHit", "slowConsumersDropped", "connectionsRefused",
+                          "openWebSockets", "trackedAddresses",
                           "startTime", "currentRooms", "currentConnections", "uptime",
                           "uptimeFormatted"}
     assert stats["messagesRelayed"] == 1
@@ -77,6 +78,7 @@ async def test_health_and_stats(server):
     stats = await get_json(port, "/stats")
     assert (stats["connectionsTotal"], stats["disconnectionsTotal"]) == (3, 3)
     assert (stats["currentRooms"], stats["currentConnections"]) == (0, 0)
+    assert (stats["openWebSockets"], stats["trackedAddresses"]) == (0, 0)
 
 
 @pytest.mark.parametrize("path", ["/", "/room/abc", "/healthz", "/health/x", "/stats/"])

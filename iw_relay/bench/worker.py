@@ -7,8 +7,10 @@ time; every command gets exactly one reply (a dict), ``{"error": ...}`` if it fa
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Awaitable
 from multiprocessing.connection import Connection
@@ -66,14 +68,19 @@ class Worker:
         loop = asyncio.get_running_loop()
         commands: asyncio.Queue[Any] = asyncio.Queue()
 
-        def readable() -> None:
-            try:
-                commands.put_nowait(self.conn.recv())
-            except EOFError:  # the parent went away
-                commands.put_nowait({"op": "exit"})
-                loop.remove_reader(self.conn.fileno())
+        def read_commands() -> None:
+            """A thread doing blocking reads: a large command arrives in several pieces,
+            and an event loop's reader would find the pipe non-blocking mid-message."""
+            while True:
+                try:
+                    command = self.conn.recv()
+                except (EOFError, OSError):  # the parent went away
+                    command = {"op": "exit"}
+                loop.call_soon_threadsafe(commands.put_nowait, command)
+                if command.get("op") == "exit":
+                    return
 
-        loop.add_reader(self.conn.fileno(), readable)
+        threading.Thread(target=read_commands, name="commands", daemon=True).start()
         while True:
             command = await commands.get()
             op = command.pop("op")
@@ -94,6 +101,9 @@ class Worker:
             self.conn.send(reply)
         except (BrokenPipeError, OSError):
             sys.exit(0)
+
+    async def op_ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
 
     # -- connections ----------------------------------------------------------------
 
