@@ -16,10 +16,12 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -68,6 +70,29 @@ def room_problem(room_id: str | None) -> str | None:
     return None
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """Write `data`, straight to the socket when nothing is waiting before it.
+
+    Twisted's write() only buffers: the bytes leave at the next reactor turn, after two
+    epoll_ctl calls (start and stop watching for writability) per connection per turn.
+    Sending at once when the buffer is empty skips both; what the socket does not take
+    goes through transport.write() as usual, behind nothing, so the order is kept.
+    """
+    # Only a plain TCP connection: a TLS transport would pass `.socket` through to the
+    # TCP one underneath, and plaintext would go out on it.
+    if (type(transport) is tcp.Server and transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, EINTR, or a broken connection Twisted will report
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 def set_tcp_nodelay(transport: object) -> None:
     """Turn Nagle off; Autobahn tries too early and silently fails (40 ms stalls)."""
     while transport is not None:
@@ -103,6 +128,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
     #: Take simple frames on the lean path; False leaves every frame to Autobahn.
     fast_frames = True
     _paused = False
+    _outbox: list[bytes] | None = None  # frames waiting for the end of this reactor turn
     _backlog: list[bytes] | None = None
     _backlog_bytes = 0
 
@@ -286,18 +312,34 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # -- the registry's Member interface ------------------------------------------------
 
     def deliver(self, frame: PreparedMessage) -> None:
-        """Write an already framed message (framed once for all of its recipients)."""
+        """Queue an already framed message (framed once for all of its recipients); the
+        queue goes out in one write at the end of this reactor turn."""
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
         data = frame.payloadHybi
         self.factory.registry.stats.bytesSent += len(data)
         if not self._paused:
-            self.transport.write(data)
+            if self._outbox is None:
+                self._outbox = [data]
+                self.factory.flush_later(self)
+            else:
+                self._outbox.append(data)
             return
         self._backlog.append(data)
         self._backlog_bytes += len(data)
         if self._backlog_bytes > self.factory.config.max_send_buffer:
             self._drop_slow_consumer()
+
+    def flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, None
+        if outbox and self.state != WebSocketProtocol.STATE_CLOSED:
+            write_now(self.transport, outbox[0] if len(outbox) == 1 else b"".join(outbox))
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's own writes (close frames, pongs, replies) go after queued frames."""
+        if self._outbox:
+            self.flush_outbox()
+        super().sendData(data, sync, chopsize)
 
     def _drop_slow_consumer(self) -> None:
         self._log.info("{connection_id} is not reading: closed as a slow consumer",
@@ -318,7 +360,27 @@ class RelayServerProtocol(WebSocketServerProtocol):
 
 
 class RelayServerFactory(WebSocketServerFactory):
-    """Builds a RelayServerProtocol per connection, all sharing one RoomRegistry."""
+    """Builds a RelayServerProtocol per connection, all sharing one RoomRegistry.
+
+    It also sends what members have queued, once per reactor turn: one write per member
+    however many messages reached it in that turn.
+    """
+
+    _log = Logger()
+
+    def flush_later(self, protocol: RelayServerProtocol) -> None:
+        if not self._dirty:
+            self.clock.callLater(0, self._flush_dirty)
+        self._dirty.append(protocol)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for protocol in dirty:
+            try:
+                protocol.flush_outbox()
+            except Exception:
+                self._log.failure("sending to {connection_id} failed",
+                                  connection_id=protocol.connection_id)
 
     protocol = RelayServerProtocol
 
@@ -336,6 +398,7 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
+        self._dirty: list[RelayServerProtocol] = []
         self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.allowed_origins = frozenset(config.allowed_origins)
         self.setProtocolOptions(
