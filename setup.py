@@ -17,6 +17,8 @@ setup(
         "autobahn>=26.10",
         "service-identity",
         "pyopenssl",
+        "txredisapi>=1.4.10",
+        "hiredis",  # txredisapi parses replies with it: a third of the CPU per message
     ],
     extras_require={
         "test": [

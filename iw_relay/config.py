@@ -99,6 +99,22 @@ def parse_origin(origin: str) -> str:
     return f"{parts.scheme.lower()}://{host}{suffix}"
 
 
+def parse_redis_url(text: str) -> str:
+    """A redis://[[user]:password@]host[:port][/db] URL, checked and returned as given."""
+    text = str(text).strip()
+    parts = urlsplit(text)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"{text!r} is not a Redis URL such as redis://127.0.0.1:6379/0")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"{text!r}: the database must be a number (redis://host:6379/0)")
+    return text
+
+
 def _choice(allowed: tuple[str, ...]):
     def parse(text: str) -> str:
         value = str(text).strip().lower()
@@ -151,18 +167,24 @@ class RelayConfig:
     auth_secret: bytes | None = field(default=None, repr=False)
     metrics_port: str | None = None
     drain_timeout: float = 0.0
+    #: Cluster mode (iw_relay.cluster): None keeps the embedded in-process registry.
+    redis: str | None = field(default=None, repr=False)
+    node_heartbeat: float = 5.0
+    redis_queue_size: int = 10000
 
     def __post_init__(self) -> None:
         if not self.ports:
             raise ValueError("at least one --port is needed")
         for name in ("rate_window", "room_expiry", "cleanup_interval", "ping_timeout",
-                     "handshake_timeout", "shutdown_timeout"):
+                     "handshake_timeout", "shutdown_timeout", "node_heartbeat"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be longer than zero")
         if self.ping_interval < 0:
             raise ValueError("ping_interval must not be negative")
-        if min(self.rate_limit, self.max_message_size, self.max_send_buffer) < 1:
-            raise ValueError("rate_limit, max_message_size and max_send_buffer must be >= 1")
+        if min(self.rate_limit, self.max_message_size, self.max_send_buffer,
+               self.redis_queue_size) < 1:
+            raise ValueError("rate_limit, max_message_size, max_send_buffer and "
+                             "redis_queue_size must be >= 1")
         if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
             raise ValueError("unknown log level or format")
 
@@ -193,6 +215,9 @@ OPTION_PARSERS = {
     "auth-secret-file": ("auth_secret", read_secret_file),
     "metrics-port": ("metrics_port", str.strip),
     "drain-timeout": ("drain_timeout", parse_duration),
+    "redis": ("redis", parse_redis_url),
+    "node-heartbeat": ("node_heartbeat", _positive_duration),
+    "redis-queue-size": ("redis_queue_size", parse_positive_int),
 }
 
 # Repeatable options: option name -> (RelayConfig field, parser of one value). In the

@@ -149,6 +149,10 @@ class RoomRegistry(Service):
         room = self.rooms.get(room_id)
         return len(room.members) if room is not None else 0
 
+    def cluster_status(self) -> dict[str, Any] | None:
+        """What /health and /stats add in cluster mode (iw_relay.cluster); None here."""
+        return None
+
     # -- relaying --------------------------------------------------------------------
 
     def broadcast(self, sender: Member, payload: bytes) -> None:

@@ -42,7 +42,13 @@ class RelayService(MultiService):
             from twisted.internet import reactor
         clock = clock if clock is not None else reactor
         self.config = config
-        self.registry = RoomRegistry(config, clock, prepare_frame, wall_clock)
+        if config.redis:
+            from iw_relay.cluster import ClusterRegistry
+
+            self.registry: RoomRegistry = ClusterRegistry(config, clock, prepare_frame,
+                                                          wall_clock, reactor=reactor)
+        else:
+            self.registry = RoomRegistry(config, clock, prepare_frame, wall_clock)
         self.registry.setServiceParent(self)
         self.factory = RelayServerFactory(self.registry, config, clock, wall_clock)
         self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock)

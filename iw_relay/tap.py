@@ -60,6 +60,12 @@ _HELP = {
     "tcp:9100:interface=127.0.0.1 [default: off].",
     "drain-timeout": "On stop, time members get to leave on their own after "
     "server-shutdown before they are closed [default: 0s].",
+    "redis": "Cluster mode: share rooms with other relay nodes through this Redis, "
+    "e.g. redis://127.0.0.1:6379/0 [default: off, one node].",
+    "node-heartbeat": "Cluster mode: how often this node tells Redis it is alive; one "
+    "silent for three periods is dead and its members leave [default: 5s].",
+    "redis-queue-size": "Cluster mode: commands awaiting Redis's reply before further "
+    "messages for other nodes are dropped and counted [default: 10000].",
 }
 
 

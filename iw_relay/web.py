@@ -65,16 +65,23 @@ class HealthResource(Resource):
         registry = self._registry
         now = datetime.fromtimestamp(self._wall_clock(), UTC)
         used, total = memory_megabytes()
-        if registry.stopping:
+        cluster = registry.cluster_status()
+        status = "draining" if registry.stopping else "healthy"
+        if cluster is not None and cluster["redis"] != "connected" and not registry.stopping:
+            status = "degraded"  # a load balancer should send new clients to another node
+        if status != "healthy":
             request.setResponseCode(503)
-        return _json_response(request, {
-            "status": "draining" if registry.stopping else "healthy",
+        body = {
+            "status": status,
             "uptime": registry.clock.seconds() - registry.started_at,
             "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "rooms": len(registry.rooms),
             "connections": registry.connection_count,
             "memory": {"heapUsed": used, "heapTotal": total},
-        })
+        }
+        if cluster is not None:
+            body["redis"] = cluster["redis"]
+        return _json_response(request, body)
 
 
 class StatsResource(Resource):
@@ -88,7 +95,7 @@ class StatsResource(Resource):
         registry = self._registry
         uptime = registry.clock.seconds() - registry.started_at
         stats = registry.stats
-        return _json_response(request, {
+        body = {
             "messagesRelayed": stats.messagesRelayed,
             "connectionsTotal": stats.connectionsTotal,
             "disconnectionsTotal": stats.disconnectionsTotal,
@@ -102,7 +109,11 @@ class StatsResource(Resource):
             "currentConnections": registry.connection_count,
             "uptime": uptime,
             "uptimeFormatted": format_uptime(uptime),
-        })
+        }
+        cluster = registry.cluster_status()
+        if cluster is not None:
+            body["cluster"] = cluster
+        return _json_response(request, body)
 
 
 class NotFoundResource(Resource):

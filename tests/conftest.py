@@ -50,9 +50,10 @@ def no_pending_reactor_calls():
     yield
     left = [call for call in reactor.getDelayedCalls()
             if call not in before and call.active() and not _is_txaio_bucket(call)]
+    described = [str(call) for call in left]
     for call in left:
         call.cancel()
-    assert not left, f"test left timers on the reactor: {left}"
+    assert not left, f"test left timers on the reactor: {described}"
 
 
 @pytest.fixture

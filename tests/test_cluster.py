@@ -1,0 +1,341 @@
+"""Cluster mode in one process: several ClusterRegistry nodes on one real redis-server.
+
+Members are fakes and each node's time is a Clock (expiry, heartbeats); only the bytes to
+and from Redis go over real loopback sockets, waited for by bounded polling.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.web.resource import Resource
+
+from iw_relay.cluster import ClusterRegistry, cluster_hash
+from iw_relay.config import RelayConfig
+from iw_relay.registry import RoomRegistry
+from iw_relay.service import RelayService
+from iw_relay.tap import Options
+from tests.redis_process import redis_server  # noqa: F401 - a fixture
+from tests.test_twistd import until
+
+
+class Member:
+    """A fake member; closing it leaves its registry, as a closed WebSocket does."""
+
+    def __init__(self, registry: ClusterRegistry, connection_id: str) -> None:
+        self.registry = registry
+        self.connection_id = connection_id
+        self.delivered: list[dict] = []
+        self.closed_with: tuple[int, str] | None = None
+
+    def deliver(self, frame: bytes) -> None:
+        self.delivered.append(json.loads(frame))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
+        self.registry.leave(self, code)
+
+    def of(self, kind: str) -> list[dict]:
+        return [m for m in self.delivered if m["type"] == kind]
+
+    def presence(self) -> list[tuple[str, str, int]]:
+        return [(m["type"], m["connectionId"], m["userCount"]) for m in self.delivered
+                if m["type"] in ("connected", "user-joined", "user-left")]
+
+
+class Cluster:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nodes: list[ClusterRegistry] = []
+
+    def node(self, **settings: object) -> ClusterRegistry:
+        config = RelayConfig(redis=self.url, **{"room_expiry": 100, "cleanup_interval": 10,
+                                                "node_heartbeat": 1.0, **settings})
+        node = ClusterRegistry(config, Clock())
+        node.startService()
+        self.nodes.append(node)
+        return node
+
+    async def connected(self, *nodes: ClusterRegistry) -> None:
+        await until(lambda: all(n.state == "connected" for n in nodes or self.nodes),
+                    "every node connected to Redis")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.running:
+                pytest_twisted.blockon(node.stopService())
+        # txredisapi parses a read's remaining replies on a callLater(0) of its own.
+        pytest_twisted.blockon(deferLater(reactor, 0.05, lambda: None))
+
+
+@pytest.fixture
+def cluster(redis_server):  # noqa: F811
+    made = Cluster(redis_server.url)
+    yield made
+    made.stop()
+
+
+async def joined(member: Member, room: str) -> Member:
+    member.registry.join(member, room)
+    await until(lambda: member.of("connected"), f"{member.connection_id} connected")
+    return member
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_on_two_nodes_share_a_room(cluster):
+    a, b = cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    b1 = await joined(Member(b, "b1"), "room")
+    b2 = await joined(Member(b, "b2"), "room")
+    other = await joined(Member(a, "o1"), "other")
+    assert b1.presence()[0] == ("connected", "b1", 2)
+    assert b2.presence()[0] == ("connected", "b2", 3)
+    await until(lambda: len(a1.presence()) == 3, "a1 told of b1 and b2")
+    assert a1.presence() == [("connected", "a1", 1), ("user-joined", "b1", 2),
+                             ("user-joined", "b2", 3)]
+    assert b1.presence() == [("connected", "b1", 2), ("user-joined", "b2", 3)]
+
+    for n in range(50):
+        a.broadcast(a1, json.dumps({"type": "op", "n": n, "connectionId": "a1"}).encode())
+    b.broadcast(b1, b'{"type":"op","from":"b1","connectionId":"b1"}')
+    await until(lambda: len(b1.of("op")) == 50 and len(b2.of("op")) == 51
+                and len(a1.of("op")) == 1, "every message everywhere")
+    assert [m["n"] for m in b1.of("op")] == list(range(50))  # per-sender order
+    assert [m["n"] for m in b2.of("op") if "n" in m] == list(range(50))
+    assert a1.of("op") == [{"type": "op", "from": "b1", "connectionId": "b1"}]
+    assert other.of("op") == []
+    assert a.stats.messagesRelayed == 50 and b.stats.messagesRelayed == 1
+    assert a.cluster_stats.messagesFromOtherNodes == 1
+
+    b.leave(b2, 1000)
+    await until(lambda: ("user-left", "b2", 2) in a1.presence(), "a1 told b2 left")
+    assert b1.presence()[-1] == ("user-left", "b2", 2)
+    # Nothing was received twice (exactly once, own echoes dropped).
+    await until(lambda: a.backplane.in_flight == 0 and b.backplane.in_flight == 0, "quiet")
+    assert len(a1.of("op")) == 1 and len(b1.of("op")) == 50
+    assert (a.stats.connectionsTotal, a.stats.disconnectionsTotal) == (2, 0)
+    assert (b.stats.connectionsTotal, b.stats.disconnectionsTotal) == (2, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiry_is_fixed_by_the_first_join_anywhere_and_swept_everywhere(cluster):
+    a = cluster.node()
+    b = cluster.node(cleanup_interval=1000)  # B's own sweep comes too late: A's tells it
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    b.clock.advance(60)  # B joins a minute later: the room still ends at A's deadline
+    b1 = await joined(Member(b, "b1"), "room")
+    room_a, room_b = a.rooms["room"], b.rooms["room"]
+    assert room_a.expires_at == room_b.expires_at == 100
+    b.clock.advance(40)
+    a.clock.pump([10] * 10)  # A's sweep expires it at 100 and tells B
+    assert a1.closed_with[0] == 1000 and a1.of("room-expired")
+    await until(lambda: b1.closed_with is not None, "B expires the room too")
+    assert b1.closed_with[0] == 1000 and b1.of("room-expired")
+    assert not b1.of("user-left") and not a1.of("user-left")
+    assert a.rooms == {} and b.rooms == {}
+    assert a.stats.disconnectionsTotal == 1 and b.stats.disconnectionsTotal == 1
+    # The room id is free at once: a new join creates a new room, with a new deadline.
+    again = await joined(Member(b, "b2"), "room")
+    assert again.presence() == [("connected", "b2", 1)]
+    assert b.rooms["room"].expires_at == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_holds_hashes_only_and_every_key_expires(cluster, redis_server):  # noqa: F811
+    a = cluster.node()
+    await cluster.connected()
+    room = "secret-room-id"
+    a1 = await joined(Member(a, "a1"), room)
+    a.broadcast(a1, b'{"type":"op","body":"private text"}')
+    a.clock.advance(1)
+    await until(lambda: len(redis_server.keys()) >= 4, "keys written")
+    keys = redis_server.keys()
+    assert all(room not in key for key in keys), keys
+    assert any(cluster_hash(room) in key for key in keys)
+    for key in keys:
+        assert int(redis_server.command("PTTL", key)[1:]) > 0, key
+        dump = redis_server.command("DUMP", key) or ""
+        assert "private" not in dump and room not in dump
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_node_s_members_leave_within_three_heartbeats(cluster):
+    a = cluster.node(node_heartbeat=0.2)
+    b = cluster.node(node_heartbeat=0.2)
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    await joined(Member(b, "b1"), "room")
+    await until(lambda: ("user-joined", "b1", 2) in a1.presence(), "a1 sees b1")
+    b._heartbeat.stop()
+    await b.backplane.stop()  # as if killed: no leave, no goodbye; its key expires
+    b.running = False  # nothing left to stop
+    a.clock.advance(1)  # A has been connected long enough to judge others
+
+    def told() -> bool:
+        a.clock.advance(0.2)
+        return ("user-left", "b1", 1) in a1.presence()
+
+    await until(told, "a1 told that b1 left with its dead node", timeout=5)
+    assert a.cluster_stats.deadNodesSeen == 1
+    late = await joined(Member(a, "a2"), "room")
+    assert late.presence() == [("connected", "a2", 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restart_local_relaying_goes_on_then_presence_is_repaired(
+        cluster, redis_server):  # noqa: F811
+    a, b = cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    a2 = await joined(Member(a, "a2"), "room")
+    b1 = await joined(Member(b, "b1"), "room")
+    b2 = await joined(Member(b, "b2"), "room")
+    await until(lambda: len(a1.presence()) == 4, "a1 sees everyone")
+
+    redis_server.kill()
+    await until(lambda: a.state == b.state == "disconnected", "both nodes see the outage")
+    assert a.cluster_status()["redis"] == "disconnected"
+    a.broadcast(a1, b'{"type":"op","n":1}')
+    assert a2.of("op") == [{"type": "op", "n": 1}]  # local relaying goes on
+    assert a.cluster_stats.crossNodeDropped == 1
+    b.leave(b2, 1000)  # leaves during the outage
+    assert b1.presence()[-1] == ("user-left", "b2", 3)
+    a3 = Member(a, "a3")
+    a.join(a3, "room")  # joins during the outage: welcomed at once
+    assert a3.presence() == [("connected", "a3", 5)]
+
+    redis_server.start()
+    await cluster.connected()
+    await until(lambda: ("user-left", "b2", 4) in a1.presence(), "a1 told b2 left")
+    await until(lambda: ("user-joined", "a3", 4) in b1.presence(), "b1 told a3 joined")
+    # Nobody still connected was reported gone.
+    for member in (a1, a2, b1):
+        assert {m["connectionId"] for m in member.of("user-left")} <= {"b2"}
+    b.broadcast(b1, b'{"type":"op","n":2}')
+    await until(lambda: all(m.of("op")[-1:] == [{"type": "op", "n": 2}]
+                            for m in (a1, a2, a3)), "relaying across nodes again")
+    assert a.cluster_stats.redisReconnects == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_redis_cannot_stall_local_relaying(cluster, redis_server):  # noqa: F811
+    a = cluster.node(redis_queue_size=5)
+    b = cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    a2 = await joined(Member(a, "a2"), "room")
+    b1 = await joined(Member(b, "b1"), "room")
+    redis_server.pause()
+    try:
+        for n in range(20):
+            a.broadcast(a1, json.dumps({"type": "op", "n": n}).encode())
+        assert [m["n"] for m in a2.of("op")] == list(range(20))  # at once, all of them
+        assert a.backplane.in_flight == 5
+        assert a.cluster_stats.crossNodeDropped == 15
+    finally:
+        redis_server.resume()
+    await until(lambda: len(b1.of("op")) == 5, "the queued five reach the other node")
+    assert [m["n"] for m in b1.of("op")] == list(range(5))
+
+
+def test_the_embedded_registry_stays_the_default():
+    assert type(RelayService(RelayConfig(), listen=False).registry) is RoomRegistry
+    service = RelayService(RelayConfig(redis="redis://127.0.0.1:1/0"), listen=False)
+    assert isinstance(service.registry, ClusterRegistry)
+    assert service.registry.cluster_status()["redis"] == "disconnected"
+    assert RoomRegistry(RelayConfig(), Clock()).cluster_status() is None
+
+
+def test_cluster_options_from_the_command_line_and_the_environment():
+    options = Options(environ={"IWRELAY_REDIS": "redis://10.0.0.5:6380/2"})
+    options.parseOptions(["--node-heartbeat", "2s", "--redis-queue-size", "50"])
+    config = options.config
+    assert (config.redis, config.node_heartbeat, config.redis_queue_size) == (
+        "redis://10.0.0.5:6380/2", 2.0, 50)
+    assert Options(environ={}).parseOptions([]) is None
+    for bad in (["--redis", "http://x"], ["--redis", "redis://host:6379/x"],
+                ["--node-heartbeat", "0"], ["--redis-queue-size", "0"]):
+        with pytest.raises(Exception, match=r"redis|heartbeat|queue|at least|longer"):
+            Options(environ={}).parseOptions(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_stats_and_metrics_tell_whether_the_node_reaches_redis(
+        cluster, redis_server):  # noqa: F811
+    from treq.testing import StubTreq
+
+    from iw_relay.metrics import RelayCollector
+    from iw_relay.web import RelayResource
+
+    node = cluster.node()
+    http = StubTreq(RelayResource(node, Resource()))
+
+    async def get(path: str) -> tuple[int, dict]:
+        response = await http.get(f"http://relay{path}")
+        return response.code, json.loads(await response.text())
+
+    await cluster.connected()
+    code, health = await get("/health")
+    assert (code, health["status"], health["redis"]) == (200, "healthy", "connected")
+    metrics = {m.name: m.samples[0].value for m in RelayCollector(node).collect()
+               if m.samples}
+    assert metrics["iwrelay_redis_connected"] == 1
+    redis_server.kill()
+    await until(lambda: node.state == "disconnected", "the node sees the outage")
+    code, health = await get("/health")
+    assert (code, health["status"], health["redis"]) == (503, "degraded", "disconnected")
+    code, stats = await get("/stats")
+    assert code == 200 and stats["cluster"]["redis"] == "disconnected"
+    assert stats["cluster"]["node"] == node.node_id
+    metrics = {m.name: m.samples[0].value for m in RelayCollector(node).collect()
+               if m.samples}
+    assert metrics["iwrelay_redis_connected"] == 0
+    assert "iwrelay_cross_node_dropped" in metrics
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_found_dead_while_alive_writes_its_members_back(
+        cluster, redis_server):  # noqa: F811
+    a, b = cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    await joined(Member(b, "b1"), "room")
+    await until(lambda: ("user-joined", "b1", 2) in a1.presence(), "a1 sees b1")
+    # B stalls past its heartbeat's expiry (its key is gone): A finds it dead.
+    assert redis_server.command("DEL", f"iwrelay:n:{b.node_id}") == ":1"
+    a.clock.advance(3)
+    await until(lambda: ("user-left", "b1", 1) in a1.presence(), "a1 told b1 left")
+    # B's next heartbeat finds its key gone and writes its members back.
+    b.clock.advance(1)
+    await until(lambda: a1.presence()[-1] == ("user-joined", "b1", 2), "b1 is back")
+    assert b.state == "connected"
+    await until(lambda: redis_server.command(
+        "HLEN", f"iwrelay:m:{cluster_hash('room')}") == ":2", "both in Redis again")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_for_a_member_still_joining_is_kept_until_its_connected(cluster):
+    a = cluster.node()
+    await cluster.connected()
+    other_node = b"f" * 16
+    joining = Member(a, "j1")
+    a.join(joining, "room")  # Redis has not answered yet: the member is pending
+    key = cluster_hash("room")
+    a._received(key, b"m" + other_node + b'{"type":"op","n":1}')
+    a._received(key, b"j" + other_node + b"x1")  # presence before the snapshot: kept back
+    assert joining.delivered == []
+    await until(lambda: joining.delivered, "connected")
+    assert joining.delivered[:2] == [
+        {"type": "connected", "connectionId": "j1", "roomId": "room", "userCount": 2},
+        {"type": "op", "n": 1}]
+    assert a.rooms["room"].remote == {"x1": "f" * 16}
+    a._received(key, b"m" + a.node_id.encode() + b'{"type":"op","n":2}')  # own echo
+    a._received(key, b"l" + other_node + b"x1")
+    assert joining.delivered[2:] == [{"type": "user-left", "connectionId": "x1",
+                                      "userCount": 1}]
