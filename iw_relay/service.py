@@ -20,7 +20,20 @@ from iw_relay.registry import RoomRegistry
 from iw_relay.web import RelayResource, RelaySite
 
 TLS_PREFIXES = ("ssl:", "tls:")
+# Twisted listens with a backlog of 50: a burst of new clients overflows it, the kernel
+# drops their SYNs and they retry a second later (p99 of a connect burst: 1.2 s). Node's
+# default is 511; so is ours, unless the endpoint gives one.
+LISTEN_BACKLOG = 511
+_BACKLOG_ENDPOINTS = ("tcp", "tcp6", "ssl", "tls", "unix", "haproxy")
 _log = Logger()
+
+
+def with_backlog(description: str) -> str:
+    """`description` with backlog=511 added where the endpoint type takes one."""
+    kind = description.split(":", 1)[0]
+    if kind not in _BACKLOG_ENDPOINTS or "backlog=" in description:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
 
 
 class RelayService(MultiService):
@@ -66,7 +79,8 @@ class RelayService(MultiService):
                                  reactor=reactor).setServiceParent(self)
 
     def _listen(self, description: str) -> IService:
-        listener = strports.service(description, self.site, reactor=self._reactor)
+        listener = strports.service(with_backlog(description), self.site,
+                                    reactor=self._reactor)
         listener.setServiceParent(self)
         return listener
 
