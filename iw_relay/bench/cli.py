@@ -215,9 +215,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         rate = summary["median_conns_per_s"]
         return f"connect: median {rate if rate is None else f'{rate:,.0f}'} connections/s"
     if scenario == "soak":
+        before, after = summary.get("registry_before"), summary.get("registry_after")
         return (f"soak: {summary['cycles']} cycles, {summary['failures']} failures, loss "
-                f"{summary['loss']}, server RSS growth "
-                f"{human_bytes(summary['rss_growth_bytes'])}")
+                f"{summary['loss']}, server RSS {human_bytes(summary['rss_first_bytes'])} -> "
+                f"{human_bytes(summary['rss_last_bytes'])} (growth "
+                f"{human_bytes(summary['rss_growth_bytes'])}); relay holds before "
+                f"{before if before is not None else 'unknown'}, after "
+                f"{after if after is not None else 'unknown'}")
     return json.dumps(summary)
 
 

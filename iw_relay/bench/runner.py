@@ -8,6 +8,7 @@ figures around the step, and merges what the workers measured into a StepReport.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ from multiprocessing.connection import Connection, wait
 from time import monotonic_ns
 from typing import Any
 from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 from iw_relay.bench import procstat, worker
 from iw_relay.bench.stats import (
@@ -564,6 +566,23 @@ def run_connect(settings: Settings, report: Callable[[StepReport], None], client
     return result
 
 
+REGISTRY_SIZES = ("currentRooms", "currentConnections", "openWebSockets", "trackedAddresses")
+
+
+def registry_sizes(target: Target) -> dict[str, int] | None:
+    """The relay's own counts of what it holds, from its /stats (None if unreadable).
+
+    After a soak every one of them must be back to zero: anything left is a leak.
+    """
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    try:
+        with urlopen(f"http://{host}:{target.port}{target.base}/stats", timeout=5) as reply:
+            stats = json.load(reply)
+    except (OSError, ValueError):
+        return None
+    return {name: stats[name] for name in REGISTRY_SIZES if name in stats}
+
+
 def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: int,
              concurrency: int, messages: int, cycle_timeout: float) -> Result:
     """`cycles` connect/join/send/leave cycles in `max_steps` parts; a growing server RSS
@@ -571,6 +590,7 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
     run = Run(settings, report)
     result = Result()
     target = settings.target
+    sizes_before = registry_sizes(target)
     with run.running():
         parts = max(1, min(settings.max_steps, cycles))
         workers = run.gen.size
@@ -621,6 +641,8 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
             result.steps.append(step)
             report(step)
     rss = [s.server.rss_bytes for s in result.steps if s.server and s.server.rss_bytes]
+    if rss and result.steps[0].server.rss_start_bytes:
+        rss.insert(0, result.steps[0].server.rss_start_bytes)  # before the first cycle
     result.summary = {
         "kind": "summary", "scenario": "soak", "cycles": sum(
             s.extra["cycles"] for s in result.steps),
@@ -629,6 +651,8 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
         "rss_first_bytes": rss[0] if rss else None,
         "rss_last_bytes": rss[-1] if rss else None,
         "rss_growth_bytes": rss[-1] - rss[0] if rss else None,
+        "registry_before": sizes_before,
+        "registry_after": registry_sizes(target),
     }
     return result
 
