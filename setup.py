@@ -9,7 +9,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["iw_relay", "iw_relay.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/iwrelay.py"]},
+    package_data={"twisted": ["plugins/iwrelay.py"], "iw_relay.demo": ["*.html"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "pyjwt>=2.8",
@@ -24,6 +24,9 @@ setup(
         "test": [
             "pytest", "pytest-twisted", "pytest-timeout", "treq", "trustme", "hypothesis",
             "ruff", "pyyaml", "docutils",
+            # Drives the system's chromium (apt-get install chromium) in test_browser.py;
+            # never `playwright install`.
+            "playwright",
         ],
         "bench": ["uvloop"],
     },

@@ -17,6 +17,9 @@ channel, ``iwrelay:c:{h}``, subscribed by the nodes with a local member in the r
 travels on it (one letter, the sending node id, then the rest):
 
 - ``m`` + node + relayed message (stamped, framed by the receiving node)
+- ``u`` + node + target connection id + a newline + relayed message: a unicast (``to``),
+  delivered only by the node that has the target (on the room's channel, so that it
+  keeps its order among the sender's other messages)
 - ``j`` / ``l`` + node + connection id: a member joined / left (published by the Lua
   script that changed the hash, so every node sees presence in the order Redis applied it)
 - ``x`` + node: the room expired (its keys are gone; the others expire it too)
@@ -533,8 +536,11 @@ class ClusterRegistry(RoomRegistry):
             "{connection_id} joined room {room} ({count} members)",
             connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
         )
+        peers = [c for c, m in room.members.items()
+                 if m is not member and m not in room.pending]
+        peers.extend(room.remote)
         member.deliver(self.prepare(messages.connected(member.connection_id, room.room_id,
-                                                       count)))
+                                                       count, peers)))
         for frame in kept or ():
             member.deliver(frame)
         self._tell(room, messages.user_joined(member.connection_id, count), member)
@@ -602,6 +608,34 @@ class ClusterRegistry(RoomRegistry):
             self._not_sent()
         self.relay_seconds.observe(perf_counter() - started)
 
+    def unicast(self, sender: Member, target: str, payload: bytes) -> bool:
+        """To one member of the room: here, or published with its target for the node
+        that has it (the others drop it); False when the room has no such other member."""
+        room = self._room_of.get(sender)
+        if room is None:
+            return True
+        member = room.members.get(target)
+        if member is sender or (member is None and target not in room.remote):
+            return False
+        self.stats.messagesRelayed += 1
+        started = perf_counter()
+        if member is not None:
+            self._deliver_here(room, member, self.prepare(payload))
+        elif self.state != "connected" or not self.backplane.publish(
+                _key("c", room.key), b"u" + self._node + target.encode() + b"\n" + payload):
+            self._not_sent()
+        self.relay_seconds.observe(perf_counter() - started)
+        return True
+
+    def _deliver_here(self, room: ClusterRoom, member: Member, frame: Any) -> None:
+        """One frame to one member here; kept for it while its join is unconfirmed."""
+        kept = room.pending.get(member) if room.pending else None
+        if kept is not None:
+            if len(kept) < PENDING_FRAMES:
+                kept.append(frame)
+            return
+        self._deliver_one(member, frame)
+
     def _not_sent(self) -> None:
         self.cluster_stats.crossNodeDropped += 1
         self._outage_dropped += 1
@@ -657,6 +691,12 @@ class ClusterRegistry(RoomRegistry):
         if kind == b"m":
             self.cluster_stats.messagesFromOtherNodes += 1
             self._fan_out(room, message[1 + NODE_ID_LENGTH:], None)
+        elif kind == b"u":
+            target, _, payload = message[1 + NODE_ID_LENGTH:].partition(b"\n")
+            member = room.members.get(target.decode())
+            if member is not None:
+                self.cluster_stats.messagesFromOtherNodes += 1
+                self._deliver_here(room, member, self.prepare(payload))
         elif kind in (b"j", b"l"):
             connection_id = message[1 + NODE_ID_LENGTH:].decode()
             self._presence(room, kind, node.decode(), connection_id)

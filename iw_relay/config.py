@@ -115,6 +115,34 @@ def parse_redis_url(text: str) -> str:
     return text
 
 
+def _ice_uri(schemes: tuple[str, ...]):
+    """A STUN or TURN URI (RFC 7064 / 7065) such as turn:turn.example.org:3478?transport=udp,
+    checked for its scheme and host only: browsers read the rest."""
+    def parse(text: str) -> str:
+        uri = str(text).strip()
+        scheme, _, rest = uri.partition(":")
+        if scheme.lower() not in schemes or not rest or rest.startswith(("/", "?", ":")):
+            raise ValueError(f"{text!r} is not a {' or '.join(s + ':' for s in schemes)} "
+                             f"URI such as {schemes[0]}:host.example.org:3478")
+        return uri
+
+    return parse
+
+
+parse_turn_uri = _ice_uri(("turn", "turns"))
+parse_stun_uri = _ice_uri(("stun", "stuns"))
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def parse_flag(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{text!r} is not one of 1, 0, true, false, yes, no, on, off")
+    return value in _TRUE
+
+
 def _choice(allowed: tuple[str, ...]):
     def parse(text: str) -> str:
         value = str(text).strip().lower()
@@ -171,6 +199,14 @@ class RelayConfig:
     redis: str | None = field(default=None, repr=False)
     node_heartbeat: float = 5.0
     redis_queue_size: int = 10000
+    #: WebRTC (iw_relay.ice): the TURN REST API shared secret (coturn's
+    #: static-auth-secret), TURN and STUN URIs served by /ice-servers, credential lifetime.
+    turn_secret: bytes | None = field(default=None, repr=False)
+    turn_uris: tuple[str, ...] = ()
+    stun_uris: tuple[str, ...] = ()
+    turn_ttl: float = 3600.0
+    #: Serve the WebRTC demo page at /demo (iw_relay.demo).
+    demo: bool = False
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -185,6 +221,11 @@ class RelayConfig:
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "
                              "redis_queue_size must be >= 1")
+        if self.turn_ttl <= 0:
+            raise ValueError("turn_ttl must be longer than zero")
+        if bool(self.turn_uris) != (self.turn_secret is not None):
+            raise ValueError("--turn-uri and --turn-secret (or --turn-secret-file) go "
+                             "together: TURN credentials need both")
         if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
             raise ValueError("unknown log level or format")
 
@@ -218,6 +259,9 @@ OPTION_PARSERS = {
     "redis": ("redis", parse_redis_url),
     "node-heartbeat": ("node_heartbeat", _positive_duration),
     "redis-queue-size": ("redis_queue_size", parse_positive_int),
+    "turn-secret": ("turn_secret", _secret),
+    "turn-secret-file": ("turn_secret", read_secret_file),
+    "turn-ttl": ("turn_ttl", _positive_duration),
 }
 
 # Repeatable options: option name -> (RelayConfig field, parser of one value). In the
@@ -225,6 +269,14 @@ OPTION_PARSERS = {
 LIST_OPTIONS = {
     "allowed-origin": ("allowed_origins", parse_origin),
     "trusted-proxy": ("trusted_proxies", parse_cidr),
+    "turn-uri": ("turn_uris", parse_turn_uri),
+    "stun-uri": ("stun_uris", parse_stun_uri),
+}
+
+# Options without a value on the command line (``--demo``); in the environment,
+# IWRELAY_DEMO=1 (or true, yes, on; 0, false, no, off).
+FLAG_OPTIONS = {
+    "demo": "demo",
 }
 
 
@@ -238,7 +290,7 @@ def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
     `IWRELAY_*` first; then the original relay's own variables where those are unset:
     `PORT` (a TCP port number), `LOG_LEVEL`, and `NODE_ENV=production` for JSON logs.
     """
-    names = [*OPTION_PARSERS, *LIST_OPTIONS]
+    names = [*OPTION_PARSERS, *LIST_OPTIONS, *FLAG_OPTIONS]
     found = {opt: environ[env_name(opt)] for opt in names if env_name(opt) in environ}
     if env_name("port") in environ:
         found["port"] = environ[env_name("port")]

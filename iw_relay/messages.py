@@ -15,6 +15,7 @@ PARSE_ERROR = "PARSE_ERROR"
 INVALID_MESSAGE = "INVALID_MESSAGE"
 RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
 ROOM_FULL = "ROOM_FULL"
+UNKNOWN_PEER = "UNKNOWN_PEER"
 
 # WebSocket close codes used by the relay.
 CLOSE_NORMAL = 1000
@@ -37,6 +38,7 @@ SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
 INVALID_MESSAGE_MESSAGE = "Message must have a type field"
+UNKNOWN_PEER_MESSAGE = "No such peer in this room"
 
 
 class MessageError(Exception):
@@ -88,11 +90,20 @@ def decode_client_message(payload: bytes) -> dict[str, Any]:
 def relayed(payload: bytes, connection_id: str, timestamp_ms: int) -> bytes:
     """The relayed form of a client frame: every field it had, plus the sender's id and
     the time; MessageError when the frame is not a message the relay accepts."""
+    return stamped(payload, connection_id, timestamp_ms)[0]
+
+
+def stamped(payload: bytes, connection_id: str,
+            timestamp_ms: int) -> tuple[bytes, str | None]:
+    """`relayed(...)` and the message's unicast target: its ``to`` when that is a string
+    (a member's connection id), else None (a broadcast, as for every client before ``to``
+    existed). The ``to`` field stays in the relayed message."""
     message = decode_client_message(payload)
     message["connectionId"] = connection_id
     message["timestamp"] = timestamp_ms
+    target = message.get("to")
     try:
-        return encode(message)
+        return encode(message), target if isinstance(target, str) else None
     except (ValueError, RecursionError):
         raise MessageError(PARSE_ERROR, PARSE_ERROR_MESSAGE) from None
 
@@ -106,10 +117,12 @@ def rate_limit_error(limit: int, window: float) -> bytes:
     return error(RATE_LIMIT_EXCEEDED, f"Rate limit exceeded ({limit} messages/{per})")
 
 
-def connected(connection_id: str, room_id: str, user_count: int) -> bytes:
+def connected(connection_id: str, room_id: str, user_count: int,
+              peers: list[str] | None = None) -> bytes:
+    """`peers`: the connection ids of the others in the room (WebRTC signaling)."""
     return encode(
         {"type": "connected", "connectionId": connection_id, "roomId": room_id,
-         "userCount": user_count}
+         "userCount": user_count, "peers": peers or []}
     )
 
 

@@ -3,11 +3,12 @@
 Wire protocol in short (SPEC.md has the whole contract):
 - connect to ``/room/{roomId}`` or ``/?room={roomId}``; a missing or malformed id completes
   the handshake and is then closed with 1008 and a reason a browser can read;
-- the joiner gets ``connected``, the others ``user-joined``; a departure sends
-  ``user-left`` once;
+- the joiner gets ``connected`` (with ``peers``, the others' connection ids), the others
+  ``user-joined``; a departure sends ``user-left`` once;
 - every client frame is rate limited, parsed (``PARSE_ERROR`` / ``INVALID_MESSAGE`` back to
   the sender only), stamped with ``connectionId`` and ``timestamp`` and relayed to the other
-  members of its room, framed once for all of them.
+  members of its room, framed once for all of them; a message with a string ``to`` goes
+  to that member only (``UNKNOWN_PEER`` back when it is no other member of the room).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
                 self._reply(factory.rate_limit_error)
             return
         try:
-            relayed = messages.relayed(
+            relayed, target = messages.stamped(
                 payload, self.connection_id, int(factory.wall_clock() * 1000)
             )
         except messages.MessageError as refused:
@@ -278,7 +279,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
                             connection_id=self.connection_id, code=refused.code)
             self._reply(messages.error(refused.code, refused.message))
             return
-        factory.registry.broadcast(self, relayed)
+        if target is None:
+            factory.registry.broadcast(self, relayed)
+        elif not factory.registry.unicast(self, target, relayed):
+            self._log.debug("{connection_id} sent a message to an unknown peer",
+                            connection_id=self.connection_id)
+            self._reply(factory.unknown_peer_error)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._joined:
@@ -398,6 +404,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
+        self.unknown_peer_error = messages.error(messages.UNKNOWN_PEER,
+                                                 messages.UNKNOWN_PEER_MESSAGE)
         self._dirty: list[RelayServerProtocol] = []
         self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.allowed_origins = frozenset(config.allowed_origins)

@@ -113,7 +113,9 @@ class RoomRegistry(Service):
             "{connection_id} joined room {room} ({count} members)",
             connection_id=member.connection_id, room=room_hash(room_id), count=count,
         )
-        member.deliver(self.prepare(messages.connected(member.connection_id, room_id, count)))
+        peers = [other for other in room.members if other != member.connection_id]
+        member.deliver(self.prepare(messages.connected(member.connection_id, room_id, count,
+                                                       peers)))
         self._fan_out(room, messages.user_joined(member.connection_id, count), member)
         return room
 
@@ -164,6 +166,30 @@ class RoomRegistry(Service):
         started = perf_counter()
         self._fan_out(room, payload, sender)
         self.relay_seconds.observe(perf_counter() - started)
+
+    def unicast(self, sender: Member, target: str, payload: bytes) -> bool:
+        """Relay an accepted, stamped message to the one member `target` of `sender`'s
+        room; False (nothing sent, nothing counted) when there is no such other member."""
+        room = self._room_of.get(sender)
+        if room is None:
+            return True  # left meanwhile: dropped silently, as broadcast() does
+        member = room.members.get(target)
+        if member is None or member is sender:
+            return False
+        self.stats.messagesRelayed += 1
+        started = perf_counter()
+        self._deliver_one(member, self.prepare(payload))
+        self.relay_seconds.observe(perf_counter() - started)
+        return True
+
+    def _deliver_one(self, member: Member, frame: Any) -> None:
+        try:
+            member.deliver(frame)
+        except Exception:
+            self._log.failure("delivery to {connection_id} failed",
+                              connection_id=member.connection_id)
+            self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
+                                messages.INTERNAL_ERROR_REASON)
 
     def _fan_out(self, room: Room, payload: bytes, exclude: Member | None) -> None:
         if len(room.members) < 2 and exclude is not None:

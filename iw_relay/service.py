@@ -12,8 +12,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
 from iw_relay.config import RelayConfig
+from iw_relay.demo import DemoResource
+from iw_relay.ice import IceServersResource, ice_enabled
 from iw_relay.metrics import metrics_root
 from iw_relay.protocol import RelayServerFactory, prepare_frame
 from iw_relay.registry import RoomRegistry
@@ -34,6 +37,16 @@ def with_backlog(description: str) -> str:
     if kind not in _BACKLOG_ENDPOINTS or "backlog=" in description:
         return description
     return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
+def optional_pages(config: RelayConfig, wall_clock: Callable[[], float]) -> dict[bytes, Resource]:
+    """/ice-servers when STUN or TURN URIs are configured, /demo with --demo."""
+    pages: dict[bytes, Resource] = {}
+    if ice_enabled(config):
+        pages[b"ice-servers"] = IceServersResource(config, wall_clock)
+    if config.demo:
+        pages[b"demo"] = DemoResource()
+    return pages
 
 
 class RelayService(MultiService):
@@ -64,7 +77,8 @@ class RelayService(MultiService):
             self.registry = RoomRegistry(config, clock, prepare_frame, wall_clock)
         self.registry.setServiceParent(self)
         self.factory = RelayServerFactory(self.registry, config, clock, wall_clock)
-        self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock)
+        self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock,
+                                      optional_pages(config, wall_clock))
         # The Site's idle timeout is also the deadline for a request to arrive: a client that
         # opens TCP and never sends its handshake (slowloris) is dropped after it.
         self.site = RelaySite(self.resource, timeout=config.handshake_timeout, reactor=clock)

@@ -21,10 +21,12 @@ from twisted.python.components import Componentized
 
 from iw_relay import logs
 from iw_relay.config import (
+    FLAG_OPTIONS,
     LIST_OPTIONS,
     OPTION_PARSERS,
     RelayConfig,
     env_name,
+    parse_flag,
     settings_from_environment,
 )
 from iw_relay.service import RelayService
@@ -66,6 +68,11 @@ _HELP = {
     "silent for three periods is dead and its members leave [default: 5s].",
     "redis-queue-size": "Cluster mode: commands awaiting Redis's reply before further "
     "messages for other nodes are dropped and counted [default: 10000].",
+    "turn-secret": "TURN REST API shared secret (coturn's static-auth-secret): /ice-servers "
+    "hands out time-limited TURN credentials [default: off]. Prefer --turn-secret-file.",
+    "turn-secret-file": "File holding the TURN REST API shared secret [default: off].",
+    "turn-ttl": "Lifetime of the TURN credentials /ice-servers hands out [default: 1h].",
+    "demo": "Serve the WebRTC demo page at /demo [default: off].",
 }
 
 
@@ -80,6 +87,7 @@ class Options(usage.Options):
         "SIZE: bytes, or a number with KiB or MiB."
     )
     optParameters = [[name, None, None, _HELP[name]] for name in OPTION_PARSERS]
+    optFlags = [[name, None, _HELP[name]] for name in FLAG_OPTIONS]
 
     def __init__(self, environ: Mapping[str, str] | None = None, reactor: object = None):
         super().__init__()
@@ -98,6 +106,14 @@ class Options(usage.Options):
         """Proxy address or network (repeatable) whose X-Forwarded-For / X-Real-IP give the client address [default: none]."""  # noqa: E501
         self["trusted-proxy"].append(cidr)
 
+    def opt_turn_uri(self, uri: str) -> None:
+        """TURN URI handed out by /ice-servers with time-limited credentials (repeatable; needs --turn-secret), e.g. turn:turn.example.org:3478?transport=udp [default: none]."""  # noqa: E501
+        self["turn-uri"].append(uri)
+
+    def opt_stun_uri(self, uri: str) -> None:
+        """STUN URI handed out by /ice-servers (repeatable), e.g. stun:stun.example.org:3478 [default: none]."""  # noqa: E501
+        self["stun-uri"].append(uri)
+
     def opt_port(self, endpoint: str) -> None:
         """Endpoint to listen on (repeatable), e.g. tcp:3000:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem [default: tcp:$PORT or tcp:3000]."""  # noqa: E501
         self["port"].append(endpoint)
@@ -113,7 +129,9 @@ class Options(usage.Options):
             else:
                 continue
             if field in changes:
-                raise usage.UsageError("give --auth-secret or --auth-secret-file, not both")
+                both = " or ".join(f"--{o}" for o, (f, _) in OPTION_PARSERS.items()
+                                   if f == field)
+                raise usage.UsageError(f"give {both}, not both")
             try:
                 changes[field] = parse(text)
             except ValueError as problem:
@@ -125,6 +143,14 @@ class Options(usage.Options):
                 changes[field] = tuple(parse(value) for value in values)
             except ValueError as problem:
                 raise usage.UsageError(f"{source}: {problem}") from None
+        for option, field in FLAG_OPTIONS.items():
+            if self[option]:
+                changes[field] = True
+            elif option in from_env:
+                try:
+                    changes[field] = parse_flag(from_env[option])
+                except ValueError as problem:
+                    raise usage.UsageError(f"{env_name(option)}: {problem}") from None
         ports = self["port"] or from_env.get("port", "").split() or list(RelayConfig.ports)
         for port in ports:
             self._check_endpoint(port, "--port")

@@ -139,22 +139,26 @@ class RelayResource(Resource):
     """
 
     def __init__(self, registry: RoomRegistry, websocket: WebSocketResource,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 pages: dict[bytes, Resource] | None = None) -> None:
         super().__init__()
         self._websocket = websocket
-        self._health = HealthResource(registry, wall_clock)
-        self._stats = StatsResource(registry)
+        self._pages: dict[bytes, Resource] = {
+            b"health": HealthResource(registry, wall_clock),
+            b"stats": StatsResource(registry),
+            **(pages or {}),
+        }
         self._not_found = NotFoundResource()
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
         if is_websocket_upgrade(request):
             _make_uri_relative(request, [name, *request.postpath])
             return self._websocket
-        if not request.postpath:
-            if name == b"health":
-                return self._health
-            if name == b"stats":
-                return self._stats
+        # /health, /stats and the optional pages (/ice-servers, /demo; /demo/ too).
+        if not request.postpath or request.postpath == [b""]:
+            page = self._pages.get(name)
+            if page is not None and (not request.postpath or name == b"demo"):
+                return page
         return self._not_found
 
     def render(self, request: Request) -> bytes | int:

@@ -332,10 +332,56 @@ async def test_a_message_for_a_member_still_joining_is_kept_until_its_connected(
     assert joining.delivered == []
     await until(lambda: joining.delivered, "connected")
     assert joining.delivered[:2] == [
-        {"type": "connected", "connectionId": "j1", "roomId": "room", "userCount": 2},
+        {"type": "connected", "connectionId": "j1", "roomId": "room", "userCount": 2,
+         "peers": ["x1"]},
         {"type": "op", "n": 1}]
     assert a.rooms["room"].remote == {"x1": "f" * 16}
     a._received(key, b"m" + a.node_id.encode() + b'{"type":"op","n":2}')  # own echo
     a._received(key, b"l" + other_node + b"x1")
     assert joining.delivered[2:] == [{"type": "user-left", "connectionId": "x1",
                                       "userCount": 1}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unicast_reaches_its_target_on_another_node_only(cluster):
+    a, b, c = cluster.node(), cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    a2 = await joined(Member(a, "a2"), "room")
+    b1 = await joined(Member(b, "b1"), "room")
+    b2 = await joined(Member(b, "b2"), "room")
+    await until(lambda: len(a.rooms["room"].remote) == 2, "a knows b1 and b2")
+    c1 = await joined(Member(c, "c1"), "room")
+    # `peers`: every other member of the room, on this node and on the others.
+    assert b1.of("connected")[0]["peers"] == ["a1", "a2"]
+    assert sorted(c1.of("connected")[0]["peers"]) == ["a1", "a2", "b1", "b2"]
+    assert c1.of("connected")[0]["userCount"] == 5
+    await until(lambda: len(a.rooms["room"].remote) == 3, "a knows c1")
+
+    for n in range(20):
+        a.broadcast(a1, json.dumps({"type": "op", "n": n}).encode())
+        assert a.unicast(a1, "b1", json.dumps({"type": "candidate", "n": n}).encode())
+    assert a.unicast(a1, "a2", b'{"type":"offer","local":true}')  # same node: no Redis
+    assert a2.of("offer") == [{"type": "offer", "local": True}]
+    await until(lambda: len(b1.of("op")) == 20 and len(c1.of("op")) == 20
+                and len(b2.of("op")) == 20, "broadcasts everywhere")
+    await until(lambda: len(b1.of("candidate")) == 20, "unicasts at b1")
+    # In the sender's order, interleaved with its broadcasts.
+    assert [(m["type"], m["n"]) for m in b1.delivered if "n" in m] == [
+        (kind, n) for n in range(20) for kind in ("op", "candidate")]
+    await until(lambda: all(node.backplane.in_flight == 0 for node in (a, b, c)), "quiet")
+    assert b2.of("candidate") == c1.of("candidate") == a2.of("candidate") == []
+    assert a1.of("candidate") == [] and b2.of("offer") == c1.of("offer") == []
+    assert a.stats.messagesRelayed == 41
+    assert b.cluster_stats.messagesFromOtherNodes == 40  # 20 broadcasts, 20 unicasts
+    assert c.cluster_stats.messagesFromOtherNodes == 20  # the broadcasts only
+
+    # Unknown: nobody, a member of another room, the sender itself, one who left.
+    d1 = await joined(Member(b, "d1"), "other")
+    for target in ("nobody", "d1", "a1"):
+        assert a.unicast(a1, target, b'{"type":"offer"}') is False
+    b.leave(b2, 1000)
+    await until(lambda: "b2" not in a.rooms["room"].remote, "a told b2 left")
+    assert a.unicast(a1, "b2", b'{"type":"offer"}') is False
+    assert a.stats.messagesRelayed == 41
+    assert d1.of("offer") == []

@@ -236,3 +236,34 @@ async def test_redis_restart_nodes_relay_locally_then_repair(spawn, redis_server
                     [-1:] == [b1_id], "b1's departure with its node", timeout=5)
         assert presence(member)[-1] == ("user-left", 2)
     assert await stop_relay(one, [a1, a2]) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_webrtc_signaling_across_two_nodes(spawn, redis_server):  # noqa: F811
+    """`peers` lists members on the other node; a unicast reaches its target there only;
+    UNKNOWN_PEER for one who is not in the room."""
+    node_a, node_b = await start_nodes(spawn, redis_server.url, 2)
+    a1 = await join(reactor, node_a.port, "signal-room")
+    a1_id = a1.received[0]["connectionId"]
+    b1 = await join(reactor, node_b.port, "signal-room")
+    b1_id = b1.received[0]["connectionId"]
+    assert b1.received[0]["peers"] == [a1_id]
+    await until(lambda: a1.messages_of("user-joined"), "a1 told of b1")
+    b2 = await join(reactor, node_b.port, "signal-room")
+    assert sorted(b2.received[0]["peers"]) == sorted([a1_id, b1_id])
+    await until(lambda: len(a1.messages_of("user-joined")) == 2, "a1 told of b2")
+
+    a1.send_json({"type": "offer", "to": b1_id, "sdp": "v=0"})
+    a1.send_json({"type": "op"})  # a broadcast after it: b1 gets both, in order
+    await until(lambda: b1.messages_of("op") and b2.messages_of("op"), "the broadcast")
+    assert [m["type"] for m in b1.received[1:]] == ["user-joined", "offer", "op"]
+    assert b1.messages_of("offer")[0]["connectionId"] == a1_id
+    assert b2.messages_of("offer") == []
+    b1.send_json({"type": "answer", "to": a1_id, "sdp": "v=0"})
+    await until(lambda: a1.messages_of("answer"), "the answer at a1")
+
+    a1.send_json({"type": "offer", "to": "0123456789abcdef"})
+    await until(lambda: a1.messages_of("error"), "UNKNOWN_PEER")
+    assert a1.messages_of("error")[0]["code"] == "UNKNOWN_PEER"
+    await stop_relay(node_a, [a1])
+    await stop_relay(node_b, [b1, b2])

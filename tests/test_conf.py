@@ -126,7 +126,17 @@ def test_every_commented_example_is_valid(tmp_path):
     server.cert_chain_pems[0].write_to_path(str(credentials / "cert.pem"))
     ca.cert_pem.write_to_path(str(credentials / "chain.pem"))
     (credentials / "auth-secret").write_text("a secret of at least thirty-two bytes, really\n")
+    (credentials / "turn-secret").write_text("the TURN server's static-auth-secret\n")
+    # TURN URIs and the TURN secret are only valid together: each is checked with the other.
+    companions = {
+        "IWRELAY_TURN_URI": "IWRELAY_TURN_SECRET_FILE=/run/credentials/iwrelay.service/"
+                            "turn-secret",
+        "IWRELAY_TURN_SECRET": "IWRELAY_TURN_URI=turn:127.0.0.1:3478",
+    }
     for example in examples:
+        companion = companions.get(example.split("=", 1)[0].removesuffix("_FILE"))
+        if companion is not None:
+            example += "\n" + companion
         example = example.replace("/run/credentials/iwrelay.service", str(credentials))
         settings = read_environment_file(example)
         options = Options(environ=settings)

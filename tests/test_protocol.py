@@ -33,11 +33,13 @@ def check_counters(relay):
 def test_connected_message(relay):
     client = relay.connect("/room/abc_DEF-1")
     (connected,) = client.received
-    assert set(connected) == {"type", "connectionId", "roomId", "userCount"}
+    # The original's four fields, plus `peers` (WebRTC signaling, README).
+    assert set(connected) == {"type", "connectionId", "roomId", "userCount", "peers"}
     assert connected["type"] == "connected"
     assert re.fullmatch(r"[0-9a-f]{16}", connected["connectionId"])
     assert connected["roomId"] == "abc_DEF-1"
     assert connected["userCount"] == 1
+    assert connected["peers"] == []
 
 
 @pytest.mark.parametrize(("path", "room"), [
@@ -330,14 +332,14 @@ def test_exception_in_a_handler_closes_1011_and_harms_no_one(relay, logged_failu
     a, b, c = relay.join(), relay.join(), relay.join()
     import iw_relay.messages as messages
 
-    real = messages.relayed
+    real = messages.stamped
 
     def explode(payload, *args):
         if b"boom" in payload:
             raise RuntimeError("handler bug")
         return real(payload, *args)
 
-    monkeypatch.setattr(messages, "relayed", explode)
+    monkeypatch.setattr(messages, "stamped", explode)
     a.send_json({"type": "boom"})
     relay.flush()
     assert a.close_code == 1011

@@ -52,11 +52,13 @@ def test_join_creates_room_and_announces(registry):
     registry.join(a, "room1")
     registry.join(b, "room1")
     assert a.delivered == [
-        {"type": "connected", "connectionId": "a", "roomId": "room1", "userCount": 1},
+        {"type": "connected", "connectionId": "a", "roomId": "room1", "userCount": 1,
+         "peers": []},
         {"type": "user-joined", "connectionId": "b", "userCount": 2},
     ]
     assert b.delivered == [
-        {"type": "connected", "connectionId": "b", "roomId": "room1", "userCount": 2}]
+        {"type": "connected", "connectionId": "b", "roomId": "room1", "userCount": 2,
+         "peers": ["a"]}]
     assert list(registry.rooms) == ["room1"]
     check_counters(registry)
 

@@ -355,7 +355,7 @@ async def test_messages_reach_only_the_other_members_of_the_same_room(spawn):
 
     a1 = await join(reactor, port, "roomA")
     hello = a1.received[0]
-    assert set(hello) == {"type", "connectionId", "roomId", "userCount"}
+    assert set(hello) == {"type", "connectionId", "roomId", "userCount", "peers"}
     assert (hello["type"], hello["roomId"], hello["userCount"]) == ("connected", "roomA", 1)
     assert CONNECTION_ID.match(hello["connectionId"])
     a2 = await join(reactor, port, "roomA")
