@@ -408,3 +408,13 @@ def test_relayed_json_is_compact_and_valid(relay):
     a.send_json({"type": "op", "big": 10**30, "neg": -0.5})
     relay.flush()
     assert json.loads(b.raw[-1])["big"] == 10**30
+
+
+def test_an_open_connection_keeps_no_handshake_and_no_copy_of_the_options(relay):
+    """What makes an idle connection small (README, Performance): the request's headers
+    are dropped once open, and Autobahn's options live on the class, not on each one."""
+    relay.join()
+    server = relay.servers[-1]
+    assert server.http_headers is None and server.http_request_data is None
+    assert "maxMessagePayloadSize" not in vars(server)
+    assert server.maxMessagePayloadSize == relay.config.max_message_size
