@@ -1,0 +1,376 @@
+"""iwrelay-bench: the figures' arithmetic, and each scenario at tiny scale against a real
+iw-relay (twistd in a subprocess on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from iw_relay.bench import cli, procstat, runner
+from iw_relay.bench.stats import (
+    ProcessUsage,
+    StepReport,
+    expected_deliveries,
+    format_step,
+    latency_summary,
+    median,
+    percentile,
+    saturation,
+)
+from iw_relay.bench.wsclient import _py_apply_mask, apply_mask, encode_frame, parse_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTED = re.compile(r"RelaySite starting on (\d+)")
+
+# -- percentiles and reports ---------------------------------------------------------
+
+
+def test_percentile_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 90) == 90
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile(values, 0.5) == 1
+    assert percentile([7], 50) == percentile([7], 99) == 7
+    assert percentile([1, 2], 50) == 1
+    assert percentile([1, 2], 51) == 2
+    assert percentile([], 50) is None
+
+
+@pytest.mark.parametrize("q", [0, -1, 100.5])
+def test_percentile_refuses_out_of_range(q):
+    with pytest.raises(ValueError):
+        percentile([1, 2, 3], q)
+
+
+def test_latency_summary_in_milliseconds_and_ordered():
+    samples = [5_000_000, 1_000_000, 3_000_000, 2_000_000, 4_000_000] * 20 + [90_000_000]
+    summary = latency_summary(samples)
+    assert summary["count"] == 101
+    assert summary["p50"] == 3.0
+    assert summary["max"] == 90.0
+    assert summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"]
+    empty = latency_summary([])
+    assert empty == {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_median():
+    assert median([3, 1, 2]) == 2
+    assert median([4, 1, 3, 2]) == 2.5
+    assert median([]) is None
+
+
+def test_expected_deliveries_counts_the_other_members():
+    sizes = {"a": 5, "b": 2, "c": 1}
+    assert expected_deliveries({"a": 10, "b": 3, "c": 7}, sizes) == 10 * 4 + 3 * 1 + 0
+
+
+def step(number, delivered, expected=None, p99=1.0, failures=0, duration=1.0):
+    return StepReport("fanout", number, duration, sent=delivered,
+                      expected=delivered if expected is None else expected,
+                      delivered=delivered, failures=failures,
+                      latency_ms={"count": 1, "p50": p99, "p90": p99, "p99": p99,
+                                  "max": p99})
+
+
+def test_step_report_rates_loss_and_ok():
+    report = step(1, 900, expected=1000, duration=2.0)
+    assert report.offered_per_s == 450
+    assert report.expected_per_s == 500
+    assert report.delivered_per_s == 450
+    assert report.loss == 100
+    assert report.loss_ratio == pytest.approx(0.1)
+    assert not report.ok
+    assert step(1, 1000).ok
+    assert not step(1, 1000, p99=100.0).ok
+    assert not step(1, 1000, failures=1).ok
+    handshake = step(1, 0, p99=5000.0)
+    handshake.latency_bound = False
+    assert handshake.ok
+
+
+def test_server_cpu_per_delivery():
+    report = step(1, 2000)
+    report.server = ProcessUsage(cpu_s=0.5, wall_s=1.0, rss_bytes=10, rss_start_bytes=5)
+    assert report.server_cpu_us_per_unit == 250.0
+    assert report.server.cpu_percent == 50.0
+    report.units = 100
+    assert report.server_cpu_us_per_unit == 5000.0
+    as_json = json.loads(json.dumps(report.as_dict()))
+    assert as_json["server"]["cpu_us_per_delivery"] == 5000.0
+    assert as_json["server"]["cpu_percent"] == 50.0
+    assert "ok" in format_step(report)
+
+
+def test_saturation_is_the_best_passing_step():
+    steps = [step(1, 100), step(2, 200), step(3, 400, p99=150.0), step(4, 300, 310)]
+    assert saturation(steps).step == 2
+    assert saturation([step(1, 100, p99=200.0)]) is None
+    assert saturation([]) is None
+    assert "SATURATED" in format_step(steps[2])
+
+
+def test_rate_schedule():
+    assert runner.rate_schedule([5, 10], 1, 2, 0, 90, 10) == [5, 10]
+    assert runner.rate_schedule([5, 10, 20], 1, 2, 0, 90, 2) == [5, 10]
+    assert runner.rate_schedule(None, 10, 2, 0, 90, 10) == [10, 20, 40, 80, 90]
+    assert runner.rate_schedule(None, 10, 2, 0, 90, 3) == [10, 20, 40]
+    assert runner.rate_schedule(None, 10, 1, 30, 90, 10) == [10, 40, 70, 90]
+
+
+def test_cpu_list():
+    assert cli.cpu_list("1") == [1]
+    assert cli.cpu_list("0,2-3") == [0, 2, 3]
+
+
+@pytest.mark.parametrize("url", [
+    "ws://10.0.0.1:3000", "ws://example.com:3000", "ws://127.0.0.2:3000",
+    "ws://192.168.1.1/", "wss://127.0.0.1:3000", "http://127.0.0.1:3000",
+])
+def test_only_loopback_targets(url):
+    with pytest.raises(runner.BenchError):
+        runner.parse_target(url)
+
+
+def test_loopback_targets():
+    target = runner.parse_target("ws://127.0.0.1:3000/relay/")
+    assert (target.host, target.port, target.base) == ("127.0.0.1", 3000, "/relay")
+    assert target.path("abc") == "/relay/room/abc"
+    assert runner.parse_target("ws://[::1]:3001").host_header == "[::1]:3001"
+    assert runner.parse_target("ws://localhost:3002").port == 3002
+
+
+def test_refused_target_exits_without_connecting(capsys):
+    assert cli.main(["fanout", "--url", "ws://10.9.8.7:3000"]) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_parse_bench():
+    relayed = b'{"type":"bench","s":12,"t":345,"connectionId":"ab","timestamp":1}'
+    assert parse_bench(relayed, 0, len(relayed)) == (b"12", 345)
+    framed = b"xx" + relayed + b"yy"
+    assert parse_bench(framed, 2, 2 + len(relayed)) == (b"12", 345)
+    alone = b'{"type":"bench","s":1,"t":99}'
+    assert parse_bench(alone, 0, len(alone)) == (b"1", 99)
+    assert parse_bench(b'{"type":"connected"}', 0, 20) is None
+    assert parse_bench(b'{"type":"bench","s":1,"x":2}', 0, 28) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 125, 126, 300, 70000])
+def test_encode_frame_masks(size):
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    frame = encode_frame(payload)
+    assert frame[0] == 0x81
+    assert frame[1] & 0x80
+    length = frame[1] & 0x7F
+    offset = 2
+    if length == 126:
+        length, offset = int.from_bytes(frame[2:4], "big"), 4
+    elif length == 127:
+        length, offset = int.from_bytes(frame[2:10], "big"), 10
+    assert length == size
+    mask = frame[offset:offset + 4]
+    assert _py_apply_mask(frame[offset + 4:], mask) == payload
+    assert apply_mask(frame[offset + 4:], mask) == payload
+
+
+def test_procstat_reads_this_process():
+    before = procstat.Sample.of(os.getpid())
+    assert before.rss > 0
+    assert procstat.cpu_seconds(os.getpid()) >= before.cpu_s
+    with pytest.raises(ValueError):
+        procstat.check_pid(2**22 + 12345)
+
+
+# -- scenarios against a real relay ----------------------------------------------------
+
+
+class RelayProcess:
+    """twistd iwrelay on 127.0.0.1, port chosen by the kernel and read from its log."""
+
+    def __init__(self, *options: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "iwrelay",
+             "--port", "tcp:0:interface=127.0.0.1", "--log-level", "info", *options],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(30) or self.port is None:
+            self.stop()
+            raise RuntimeError("the relay did not start:\n" + "".join(self.lines))
+
+    def _read(self) -> None:
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            found = STARTED.search(line)
+            if found and self.port is None:
+                self.port = int(found.group(1))
+                self._listening.set()
+        self._listening.set()  # the process ended
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self._reader.join(5)
+
+
+@pytest.fixture(scope="module")
+def relay_process():
+    relay = RelayProcess("--rate-limit", "1000000")
+    yield relay
+    relay.stop()
+
+
+def bench(relay, *argv: str):
+    out = io.StringIO()
+    result = cli.run([*argv, "--url", relay.url, "--server-pid", str(relay.process.pid),
+                      "--deadline", "60", "--workers", "1"], out=out, err=io.StringIO())
+    return result, out.getvalue()
+
+
+def assert_consistent(report):
+    assert report.failures == 0
+    assert report.errors == 0
+    assert report.stale == 0
+    assert report.loss == 0
+    assert report.delivered == report.expected > 0
+    latency = report.latency_ms
+    assert latency["count"] == report.delivered
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert report.server is not None and report.server.cpu_s >= 0
+    assert report.server.rss_bytes > 0
+    assert report.ok
+
+
+def test_fanout(relay_process):
+    result, out = bench(relay_process, "fanout", "--clients", "6", "--rooms", "2",
+                        "--rates", "5,10", "--duration", "0.5")
+    assert [s.rate_per_sender for s in result.steps] == [5, 10]
+    for report in result.steps:
+        assert_consistent(report)
+        assert report.connections == 6 and report.senders == 6 and report.rooms == 2
+        assert report.sent == 6 * report.rate_per_sender * 0.5
+        assert report.expected == report.sent * 2  # rooms of 3: two others each
+    assert result.summary["saturation"]["step"] == result.steps[-1].step
+    assert not result.summary["saturation"]["reached"]
+    lines = [line for line in out.splitlines() if line.startswith("fanout #")]
+    assert len(lines) == 2
+
+
+def test_fanout_target_deliveries_with_two_workers(relay_process):
+    out = io.StringIO()
+    result = cli.run(["fanout", "--url", relay_process.url, "--clients", "8", "--rooms", "2",
+                      "--target-deliveries", "240", "--duration", "0.5", "--workers", "2",
+                      "--senders-per-room", "2", "--deadline", "60"], out=out)
+    (report,) = result.steps
+    assert report.rate_per_sender == 240 / (4 * 3)
+    assert report.senders == 4
+    assert report.server is None
+    assert report.expected == report.sent * 3 == 120
+    assert report.delivered == report.expected
+
+
+def test_bigroom(relay_process):
+    result, _ = bench(relay_process, "bigroom", "--clients", "8", "--senders", "2",
+                      "--rates", "10", "--duration", "0.5")
+    (report,) = result.steps
+    assert_consistent(report)
+    assert report.rooms == 1 and report.senders == 2
+    assert report.expected == report.sent * 7
+
+
+def test_idle(relay_process):
+    result, out = bench(relay_process, "idle", "--clients", "20", "--rooms", "4",
+                        "--hold", "0", "--max-steps", "2")
+    assert [s.connections for s in result.steps] == [10, 20]
+    for report in result.steps:
+        assert report.failures == 0 and report.ok
+        assert report.extra["conns_per_s"] > 0
+        assert isinstance(report.extra["bytes_per_connection"], int)
+    assert result.steps[-1].extra["settled"]
+    assert result.summary["connections_held"] == 20
+    assert "per connection" in out
+
+
+def test_connect(relay_process):
+    result, _ = bench(relay_process, "connect", "--clients", "20", "--rooms", "4",
+                      "--inflight", "5", "--max-steps", "2")
+    assert len(result.steps) == 2
+    for report in result.steps:
+        assert report.connections == 20 and report.failures == 0 and report.ok
+        assert report.latency_ms["count"] == 20
+        assert report.latency_ms["p50"] <= report.latency_ms["p99"] <= report.latency_ms["max"]
+        assert report.extra["aborted_on_close"] == 0
+    assert result.summary["median_conns_per_s"] > 0
+
+
+def test_soak(relay_process):
+    result, _ = bench(relay_process, "soak", "--cycles", "10", "--concurrency", "3",
+                      "--messages", "3", "--max-steps", "2")
+    assert [s.extra["cycles"] for s in result.steps] == [5, 5]
+    for report in result.steps:
+        assert_consistent(report)
+        assert report.expected == 5 * 2 * 3
+    assert result.summary["cycles"] == 10
+    assert result.summary["failures"] == 0 and result.summary["loss"] == 0
+
+
+def test_json_output_parses(relay_process):
+    completed = subprocess.run(
+        [sys.executable, "-m", "iw_relay.bench", "fanout", "--json", "--url",
+         relay_process.url, "--server-pid", str(relay_process.process.pid),
+         "--clients", "4", "--rooms", "2", "--rates", "5,10", "--duration", "0.3",
+         "--workers", "1", "--deadline", "60"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert completed.returncode == 0, completed.stderr
+    objects = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [o["kind"] for o in objects] == ["step", "step", "summary"]
+    for obj in objects[:2]:
+        assert obj["delivered"] == obj["expected_deliveries"] > 0
+        assert obj["loss"] == 0 and obj["ok"]
+        assert obj["latency_ms"]["p50"] <= obj["latency_ms"]["p99"]
+        assert obj["server"]["cpu_us_per_delivery"] is None or \
+            obj["server"]["cpu_us_per_delivery"] >= 0
+    assert objects[2]["saturation"]["step"] == 2
+
+
+def test_rate_limited_relay_shows_loss():
+    """Past the relay's rate limit, messages are dropped: loss, errors, not ok."""
+    relay = RelayProcess("--rate-limit", "2")
+    try:
+        result, _ = bench(relay, "fanout", "--clients", "4", "--rooms", "2",
+                          "--rates", "20", "--duration", "0.5", "--drain-timeout", "0.5")
+    finally:
+        relay.stop()
+    (report,) = result.steps
+    assert report.loss > 0
+    assert report.errors > 0
+    assert not report.ok
+    assert result.summary["saturation"] is None
+    assert result.summary["stopped"] == "saturated"
