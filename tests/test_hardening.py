@@ -4,6 +4,7 @@ import time
 
 import jwt
 import pytest
+import pytest_twisted
 from twisted.internet.protocol import Protocol
 
 from iw_relay.admission import ConnectionCounter, client_address, parse_networks, token_allows
@@ -248,3 +249,43 @@ def test_the_http_timeout_does_not_touch_websockets(make_relay):
     relay.flush()
     assert b.received[-1]["type"] == "op"
     assert a.close_code is None and b.close_code is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_thousand_silent_connections_do_not_starve_real_clients(serve):
+    """Real sockets: 1,000 connections that never send a byte; a real client still joins
+    and relays at once, and every silent one is dropped after the handshake timeout."""
+    from twisted.internet import defer, reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory
+
+    from tests.clients import join
+
+    _service, port = await serve(config(handshake_timeout=3.0, max_connections_per_ip=0))
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    silent = []
+    for _ in range(1000):
+        peer = LostNotifier()
+        silent.append(peer)
+        await endpoint.connect(Factory.forProtocol(lambda peer=peer: peer))
+    alice = await join(reactor, port, "busy")
+    bob = await join(reactor, port, "busy")
+    alice.send_json({"type": "op"})
+    (_, relayed) = await bob.wait_for(2).addTimeout(5, reactor)
+    assert relayed["type"] == "op"
+    assert not any(peer.lost.called for peer in silent)  # (the timeout is still to come)
+    await defer.gatherResults([peer.lost for peer in silent]).addTimeout(10, reactor)
+    assert alice.close_code is None and bob.close_code is None
+    for client in (alice, bob):
+        client.sendClose(1000)
+        await client.closed
+
+
+class LostNotifier(Protocol):
+    def __init__(self):
+        from twisted.internet import defer
+
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
