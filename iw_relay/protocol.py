@@ -438,4 +438,8 @@ class RelayServerFactory(WebSocketServerFactory):
         # protocol class already has them: give them to a class of this factory's own,
         # once, rather than to each of thousands of connections.
         options = {name: getattr(self, name) for name in RelayServerProtocol.CONFIG_ATTRS}
+        # A function stored on a class becomes a method: keep callables (such as
+        # perMessageCompressionAccept) plain functions, as they were on the factory.
+        options = {name: staticmethod(value) if callable(value) else value
+                   for name, value in options.items()}
         self.protocol = type("RelayServerProtocol", (RelayServerProtocol,), options)

@@ -418,3 +418,16 @@ def test_an_open_connection_keeps_no_handshake_and_no_copy_of_the_options(relay)
     assert server.http_headers is None and server.http_request_data is None
     assert "maxMessagePayloadSize" not in vars(server)
     assert server.maxMessagePayloadSize == relay.config.max_message_size
+
+
+def test_a_client_offering_compression_still_connects(relay):
+    """Browsers offer permessage-deflate; the relay declines it and the join succeeds
+    (a bug once: the accept function, moved onto the protocol class, became a method)."""
+    from autobahn.websocket.compress import PerMessageDeflateOffer
+
+    from tests.clients import client_factory
+
+    factory = client_factory("ws://127.0.0.1:3000/room/abc")
+    factory.setProtocolOptions(perMessageCompressionOffers=[PerMessageDeflateOffer()])
+    client = relay.connect(client=factory.buildProtocol(None))
+    assert client.received[0]["type"] == "connected"
