@@ -658,13 +658,7 @@ class ClusterRegistry(RoomRegistry):
                 if len(kept) < PENDING_FRAMES:
                     kept.append(frame)
                 continue
-            try:
-                member.deliver(frame)
-            except Exception:
-                self._log.failure("delivery to {connection_id} failed",
-                                  connection_id=member.connection_id)
-                self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
-                                    messages.INTERNAL_ERROR_REASON)
+            self._deliver_one(member, frame)
 
     def _tell(self, room: ClusterRoom, payload: bytes, exclude: Member | None) -> None:
         """Presence: to the members here that have had their `connected`."""

@@ -197,6 +197,7 @@ class RoomRegistry(Service):
         frame = self.prepare(payload)
         for member in list(room.members.values()):
             if member is not exclude:
+                # _deliver_one inlined: this loop runs once per delivery.
                 try:
                     member.deliver(frame)
                 except Exception:
