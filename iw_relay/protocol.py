@@ -227,7 +227,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
             super().dataReceived(data)
             return
         start = 0
-        max_size = self._max_payload
+        # Both Autobahn limits are --max-message-size (RelayServerFactory): one number.
+        max_size = self.maxMessagePayloadSize
         stats = self.trafficStats
         while start < len(data) and self.state == WebSocketProtocol.STATE_OPEN:
             frame = next_simple_frame(data, start, max_size)
@@ -244,12 +245,6 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self.onMessage(payload, is_binary)
         if start < len(data):
             super().dataReceived(data[start:] if start else data)
-
-    @property
-    def _max_payload(self) -> int:
-        limits = [size for size in (self.maxFramePayloadSize, self.maxMessagePayloadSize)
-                  if size > 0]
-        return min(limits) if limits else 0
 
     def _forget_handshake(self) -> None:
         """Drop the opening request Autobahn keeps (raw bytes, headers, URI): ~1 KB a
