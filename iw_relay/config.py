@@ -1,7 +1,11 @@
 """RelayConfig: every setting, its default and its validation.
 
-Durations ("500ms", "30s", "24h") and sizes ("64KiB", "1MiB") are parsed here so that the
-command line, the environment and embedding code all share one set of rules.
+`OPTIONS` is the one table of settings: each row gives the option's name (``--name`` and
+``IWRELAY_NAME``), its `RelayConfig` field, its parser, its default and its help. The
+twistd plugin's ``--help``, the dataclass's defaults and the documentation's
+configuration page (``python -m iw_relay.options``) are all made from it, so they cannot
+disagree. Durations ("500ms", "30s", "24h") and sizes ("64KiB", "1MiB") are parsed here so
+that the command line, the environment and embedding code all share one set of rules.
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -169,44 +174,196 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _endpoint(text: str) -> str:
+    """A Twisted endpoint string; tap.py parses it against the reactor before listening."""
+    endpoint = str(text).strip()
+    if not endpoint:
+        raise ValueError("an endpoint is empty (e.g. tcp:3000)")
+    return endpoint
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the option table.
+
+    `default` is written as a user would type it (``"24h"``, ``"1MiB"``) and parsed by
+    `parse` into the `RelayConfig` default, so it is shown and applied from one place;
+    None means the setting is off. `kind` is ``value``, ``list`` (repeatable; several
+    values separated by white space in the environment) or ``flag`` (no value on the
+    command line; 1/0, true/false, yes/no, on/off in the environment).
+    """
+
+    name: str
+    field: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    metavar: str = ""
+    kind: str = "value"
+    #: How the default reads when the typed form alone would not say it.
+    shown_default: str | None = None
+
+    @property
+    def env(self) -> str:
+        return env_name(self.name)
+
+    @property
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.default is None:
+            return "none" if self.kind == "list" else "off"
+        return self.default
+
+    def default_value(self) -> Any:
+        if self.kind == "flag":
+            return False
+        if self.kind == "list":
+            return tuple(self.parse(value) for value in (self.default or "").split())
+        return None if self.default is None else self.parse(self.default)
+
+
+_CLUSTER = "Cluster mode: "
+
+#: Every option, in the order --help and the documentation list them. To add a setting:
+#: one row here and one `RelayConfig` field whose default is ``_default("name")``.
+OPTIONS: tuple[Option, ...] = (
+    Option("port", "ports", _endpoint, "tcp:3000",
+           "Endpoint to listen on, a Twisted endpoint string such as "
+           "tcp:3000:interface=127.0.0.1, tcp6:3000, "
+           "ssl:443:privateKey=key.pem:certKey=cert.pem:extraCertChain=chain.pem or "
+           "tls:/etc/iwrelay/certs:port=443. Repeatable: every port serves the same rooms.",
+           "ENDPOINT", "list", shown_default="tcp:$PORT if PORT is set, else tcp:3000"),
+    Option("rate-limit", "rate_limit", parse_positive_int, "100",
+           "Messages per rate window per connection; the excess is dropped with "
+           "RATE_LIMIT_EXCEEDED.", "N"),
+    Option("rate-window", "rate_window", _positive_duration, "1s",
+           "Length of the rate-limit window.", "DURATION"),
+    Option("flood-windows", "flood_windows", parse_count, "10",
+           "Consecutive rate windows over the limit before the sender is closed with "
+           "1008; 0 never closes.", "N"),
+    Option("room-expiry", "room_expiry", _positive_duration, "24h",
+           "Room lifetime, counted from its creation.", "DURATION"),
+    Option("cleanup-interval", "cleanup_interval", _positive_duration, "1h",
+           "How often expired rooms are swept.", "DURATION"),
+    Option("max-message-size", "max_message_size", _positive_size, "1MiB",
+           "Largest message or frame; a larger one closes the sender with 1009.", "SIZE"),
+    Option("max-send-buffer", "max_send_buffer", _positive_size, "1MiB",
+           "Unread bytes queued for one client before it is closed with 1013 as a slow "
+           "consumer.", "SIZE"),
+    Option("ping-interval", "ping_interval", parse_duration, "30s",
+           "Period of the server's WebSocket pings; 0 disables them.", "DURATION"),
+    Option("ping-timeout", "ping_timeout", _positive_duration, "10s",
+           "A peer that has not answered a ping by then is dropped.", "DURATION"),
+    Option("handshake-timeout", "handshake_timeout", _positive_duration, "10s",
+           "Longest time a connection may take to complete its opening handshake.",
+           "DURATION"),
+    Option("shutdown-timeout", "shutdown_timeout", _positive_duration, "10s",
+           "On stop, longest wait for the clients to close.", "DURATION"),
+    Option("drain-timeout", "drain_timeout", parse_duration, "0s",
+           "On stop, time members get to leave on their own after server-shutdown "
+           "before they are closed; /health answers 503 meanwhile.", "DURATION"),
+    Option("log-level", "log_level", _choice(LOG_LEVELS), "info",
+           "debug, info, warn or error.", "LEVEL"),
+    Option("log-format", "log_format", _choice(LOG_FORMATS), "text",
+           "text, or json: one JSON object per line.", "FORMAT"),
+    Option("max-connections", "max_connections", parse_count, "0",
+           "Open WebSockets on the whole server; more are refused with HTTP 503. "
+           "0 is unlimited.", "N"),
+    Option("max-connections-per-ip", "max_connections_per_ip", parse_count, "64",
+           "Open WebSockets per client address; more are refused with HTTP 503. "
+           "0 is unlimited.", "N"),
+    Option("max-room-size", "max_room_size", parse_count, "0",
+           "Members per room; a join over it gets ROOM_FULL and close 1008. "
+           "0 is unlimited.", "N"),
+    Option("allowed-origin", "allowed_origins", parse_origin, None,
+           "Browser origin allowed to connect, e.g. https://editor.example.org; "
+           "a handshake from another origin gets HTTP 403. Repeatable.", "ORIGIN", "list",
+           shown_default="none: any origin"),
+    Option("trusted-proxy", "trusted_proxies", parse_cidr, None,
+           "Proxy address or network whose X-Forwarded-For and X-Real-IP give the "
+           "client's address. Repeatable.", "CIDR", "list"),
+    Option("auth-secret", "auth_secret", _secret, None,
+           "HS256 secret: clients must pass ?token=JWT naming their room. Prefer "
+           "--auth-secret-file: a command line is visible to other users.", "SECRET"),
+    Option("auth-secret-file", "auth_secret", read_secret_file, None,
+           "File holding the HS256 secret for ?token=.", "PATH"),
+    Option("metrics-port", "metrics_port", _endpoint, None,
+           "Endpoint serving Prometheus /metrics, e.g. tcp:9100:interface=127.0.0.1.",
+           "ENDPOINT"),
+    Option("redis", "redis", parse_redis_url, None,
+           _CLUSTER + "share rooms with other relay nodes through this Redis, e.g. "
+           "redis://127.0.0.1:6379/0. Off: one node.", "URL"),
+    Option("node-heartbeat", "node_heartbeat", _positive_duration, "5s",
+           _CLUSTER + "how often this node tells Redis it is alive; a node silent for "
+           "three periods is dead and its members leave.", "DURATION"),
+    Option("redis-queue-size", "redis_queue_size", parse_positive_int, "10000",
+           _CLUSTER + "commands awaiting Redis's reply before further messages for "
+           "other nodes are dropped and counted.", "N"),
+    Option("turn-secret", "turn_secret", _secret, None,
+           "TURN REST API shared secret (coturn's static-auth-secret): /ice-servers hands "
+           "out time-limited TURN credentials. Prefer --turn-secret-file.", "SECRET"),
+    Option("turn-secret-file", "turn_secret", read_secret_file, None,
+           "File holding the TURN REST API shared secret.", "PATH"),
+    Option("turn-uri", "turn_uris", parse_turn_uri, None,
+           "TURN URI handed out by /ice-servers with time-limited credentials, e.g. "
+           "turn:turn.example.org:3478?transport=udp; needs --turn-secret. Repeatable.",
+           "URI", "list"),
+    Option("stun-uri", "stun_uris", parse_stun_uri, None,
+           "STUN URI handed out by /ice-servers, e.g. stun:stun.example.org:3478. "
+           "Repeatable.", "URI", "list"),
+    Option("turn-ttl", "turn_ttl", _positive_duration, "1h",
+           "Lifetime of the TURN credentials /ice-servers hands out.", "DURATION"),
+    Option("demo", "demo", parse_flag, None,
+           "Serve the WebRTC demo page at /demo.", kind="flag"),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _default(name: str) -> Any:
+    return _BY_NAME[name].default_value()
+
+
 @dataclass(frozen=True)
 class RelayConfig:
-    """All of the relay's settings, already validated; durations in seconds."""
+    """All of the relay's settings, already validated; durations in seconds, sizes in
+    bytes. Each default is its option's, from `OPTIONS`."""
 
-    ports: tuple[str, ...] = ("tcp:3000",)
-    rate_limit: int = 100
-    rate_window: float = 1.0
-    room_expiry: float = 24 * 3600.0
-    cleanup_interval: float = 3600.0
-    max_message_size: int = 1024 * 1024
-    max_send_buffer: int = 1024 * 1024
-    ping_interval: float = 30.0
-    ping_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    shutdown_timeout: float = 10.0
-    log_level: str = "info"
-    log_format: str = "text"
-    max_connections: int = 0
-    max_connections_per_ip: int = 64
-    max_room_size: int = 0
-    flood_windows: int = 10
-    allowed_origins: tuple[str, ...] = ()
-    trusted_proxies: tuple[str, ...] = ()
-    auth_secret: bytes | None = field(default=None, repr=False)
-    metrics_port: str | None = None
-    drain_timeout: float = 0.0
+    ports: tuple[str, ...] = _default("port")
+    rate_limit: int = _default("rate-limit")
+    rate_window: float = _default("rate-window")
+    room_expiry: float = _default("room-expiry")
+    cleanup_interval: float = _default("cleanup-interval")
+    max_message_size: int = _default("max-message-size")
+    max_send_buffer: int = _default("max-send-buffer")
+    ping_interval: float = _default("ping-interval")
+    ping_timeout: float = _default("ping-timeout")
+    handshake_timeout: float = _default("handshake-timeout")
+    shutdown_timeout: float = _default("shutdown-timeout")
+    log_level: str = _default("log-level")
+    log_format: str = _default("log-format")
+    max_connections: int = _default("max-connections")
+    max_connections_per_ip: int = _default("max-connections-per-ip")
+    max_room_size: int = _default("max-room-size")
+    flood_windows: int = _default("flood-windows")
+    allowed_origins: tuple[str, ...] = _default("allowed-origin")
+    trusted_proxies: tuple[str, ...] = _default("trusted-proxy")
+    auth_secret: bytes | None = field(default=_default("auth-secret"), repr=False)
+    metrics_port: str | None = _default("metrics-port")
+    drain_timeout: float = _default("drain-timeout")
     #: Cluster mode (iw_relay.cluster): None keeps the embedded in-process registry.
-    redis: str | None = field(default=None, repr=False)
-    node_heartbeat: float = 5.0
-    redis_queue_size: int = 10000
+    redis: str | None = field(default=_default("redis"), repr=False)
+    node_heartbeat: float = _default("node-heartbeat")
+    redis_queue_size: int = _default("redis-queue-size")
     #: WebRTC (iw_relay.ice): the TURN REST API shared secret (coturn's
     #: static-auth-secret), TURN and STUN URIs served by /ice-servers, credential lifetime.
-    turn_secret: bytes | None = field(default=None, repr=False)
-    turn_uris: tuple[str, ...] = ()
-    stun_uris: tuple[str, ...] = ()
-    turn_ttl: float = 3600.0
+    turn_secret: bytes | None = field(default=_default("turn-secret"), repr=False)
+    turn_uris: tuple[str, ...] = _default("turn-uri")
+    stun_uris: tuple[str, ...] = _default("stun-uri")
+    turn_ttl: float = _default("turn-ttl")
     #: Serve the WebRTC demo page at /demo (iw_relay.demo).
-    demo: bool = False
+    demo: bool = _default("demo")
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -233,71 +390,44 @@ class RelayConfig:
         return dataclasses.replace(self, **changes)
 
 
-# option name -> (RelayConfig field, parser). The option name is also the environment
-# variable's: IWRELAY_ + upper case, dashes as underscores.
-OPTION_PARSERS = {
-    "rate-limit": ("rate_limit", parse_positive_int),
-    "rate-window": ("rate_window", _positive_duration),
-    "room-expiry": ("room_expiry", _positive_duration),
-    "cleanup-interval": ("cleanup_interval", _positive_duration),
-    "max-message-size": ("max_message_size", _positive_size),
-    "max-send-buffer": ("max_send_buffer", _positive_size),
-    "ping-interval": ("ping_interval", parse_duration),
-    "ping-timeout": ("ping_timeout", _positive_duration),
-    "handshake-timeout": ("handshake_timeout", _positive_duration),
-    "shutdown-timeout": ("shutdown_timeout", _positive_duration),
-    "log-level": ("log_level", _choice(LOG_LEVELS)),
-    "log-format": ("log_format", _choice(LOG_FORMATS)),
-    "max-connections": ("max_connections", parse_count),
-    "max-connections-per-ip": ("max_connections_per_ip", parse_count),
-    "max-room-size": ("max_room_size", parse_count),
-    "flood-windows": ("flood_windows", parse_count),
-    "auth-secret": ("auth_secret", _secret),
-    "auth-secret-file": ("auth_secret", read_secret_file),
-    "metrics-port": ("metrics_port", str.strip),
-    "drain-timeout": ("drain_timeout", parse_duration),
-    "redis": ("redis", parse_redis_url),
-    "node-heartbeat": ("node_heartbeat", _positive_duration),
-    "redis-queue-size": ("redis_queue_size", parse_positive_int),
-    "turn-secret": ("turn_secret", _secret),
-    "turn-secret-file": ("turn_secret", read_secret_file),
-    "turn-ttl": ("turn_ttl", _positive_duration),
-}
 
-# Repeatable options: option name -> (RelayConfig field, parser of one value). In the
-# environment they hold several values separated by white space.
-LIST_OPTIONS = {
-    "allowed-origin": ("allowed_origins", parse_origin),
-    "trusted-proxy": ("trusted_proxies", parse_cidr),
-    "turn-uri": ("turn_uris", parse_turn_uri),
-    "stun-uri": ("stun_uris", parse_stun_uri),
-}
-
-# Options without a value on the command line (``--demo``); in the environment,
-# IWRELAY_DEMO=1 (or true, yes, on; 0, false, no, off).
-FLAG_OPTIONS = {
-    "demo": "demo",
-}
+# Lookups by option name, made from OPTIONS for the code that reads settings.
+#: Options with one value: name -> (RelayConfig field, parser).
+OPTION_PARSERS = {o.name: (o.field, o.parse) for o in OPTIONS if o.kind == "value"}
+#: Repeatable options but --port (whose endpoints tap.py checks against the reactor):
+#: name -> (RelayConfig field, parser of one value).
+LIST_OPTIONS = {o.name: (o.field, o.parse) for o in OPTIONS
+                if o.kind == "list" and o.name != "port"}
+#: Options without a value on the command line: name -> RelayConfig field.
+FLAG_OPTIONS = {o.name: o.field for o in OPTIONS if o.kind == "flag"}
 
 
 def env_name(option: str) -> str:
+    """The environment variable of an option: IWRELAY_ + upper case, dashes as
+    underscores."""
     return "IWRELAY_" + option.upper().replace("-", "_")
 
 
-def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """Option values (unparsed) that the environment gives, by option name.
+def environment_settings(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Option values (unparsed) that the environment gives: option name -> (the variable
+    that gave it, its text), so that an error names the variable the user set.
 
     `IWRELAY_*` first; then the original relay's own variables where those are unset:
     `PORT` (a TCP port number), `LOG_LEVEL`, and `NODE_ENV=production` for JSON logs.
     """
-    names = [*OPTION_PARSERS, *LIST_OPTIONS, *FLAG_OPTIONS]
-    found = {opt: environ[env_name(opt)] for opt in names if env_name(opt) in environ}
-    if env_name("port") in environ:
-        found["port"] = environ[env_name("port")]
-    elif environ.get("PORT"):
-        found["port"] = "tcp:" + environ["PORT"].strip()
+    found = {o.name: (o.env, environ[o.env]) for o in OPTIONS if o.env in environ}
+    if "port" not in found and environ.get("PORT"):
+        number = environ["PORT"].strip()
+        if not number.isdigit() or not 0 <= int(number) <= 65535:
+            raise ValueError(f"PORT: {environ['PORT']!r} is not a TCP port number")
+        found["port"] = ("PORT", "tcp:" + number)
     if "log-level" not in found and environ.get("LOG_LEVEL"):
-        found["log-level"] = environ["LOG_LEVEL"]
+        found["log-level"] = ("LOG_LEVEL", environ["LOG_LEVEL"])
     if "log-format" not in found and environ.get("NODE_ENV") == "production":
-        found["log-format"] = "json"
+        found["log-format"] = ("NODE_ENV", "json")
     return found
+
+
+def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Option values (unparsed) that the environment gives, by option name."""
+    return {name: text for name, (_, text) in environment_settings(environ).items()}

@@ -10,7 +10,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
@@ -24,108 +24,85 @@ from iw_relay.config import (
     FLAG_OPTIONS,
     LIST_OPTIONS,
     OPTION_PARSERS,
+    OPTIONS,
+    Option,
     RelayConfig,
     env_name,
+    environment_settings,
     parse_flag,
-    settings_from_environment,
 )
 from iw_relay.service import RelayService
 
 _log = Logger()
 
-_HELP = {
-    "rate-limit": "Messages per window per connection [default: 100].",
-    "rate-window": "Rate-limit window, a DURATION such as 1s or 500ms [default: 1s].",
-    "room-expiry": "Room lifetime from its creation [default: 24h].",
-    "cleanup-interval": "How often expired rooms are swept [default: 1h].",
-    "max-message-size": "Larger messages close the sender with 1009 [default: 1MiB].",
-    "max-send-buffer": "Unread bytes queued for a client before it is closed with 1013 "
-    "as a slow consumer [default: 1MiB].",
-    "ping-interval": "Server WebSocket ping period; 0 disables [default: 30s].",
-    "ping-timeout": "No pong by then: the peer is dropped [default: 10s].",
-    "handshake-timeout": "Longest time to complete the opening handshake [default: 10s].",
-    "shutdown-timeout": "Longest wait for clients to close on stop [default: 10s].",
-    "log-level": "debug, info, warn or error [default: info].",
-    "log-format": "text, or json: one JSON object per line [default: text].",
-    "max-connections": "Open WebSockets on the whole server; more are refused with HTTP "
-    "503 [default: 0, unlimited].",
-    "max-connections-per-ip": "Open WebSockets per client address; more are refused with "
-    "HTTP 503 [default: 64; 0 unlimited].",
-    "max-room-size": "Members per room; a join over it gets ROOM_FULL and close 1008 "
-    "[default: 0, unlimited].",
-    "flood-windows": "Consecutive rate windows over the limit before the sender is closed "
-    "with 1008 [default: 10; 0 never].",
-    "auth-secret": "HS256 secret: clients must pass ?token=JWT naming their room "
-    "[default: off]. Prefer --auth-secret-file: a command line is visible to other users.",
-    "auth-secret-file": "File holding the HS256 secret for ?token= [default: off].",
-    "metrics-port": "Endpoint serving Prometheus /metrics, e.g. "
-    "tcp:9100:interface=127.0.0.1 [default: off].",
-    "drain-timeout": "On stop, time members get to leave on their own after "
-    "server-shutdown before they are closed [default: 0s].",
-    "redis": "Cluster mode: share rooms with other relay nodes through this Redis, "
-    "e.g. redis://127.0.0.1:6379/0 [default: off, one node].",
-    "node-heartbeat": "Cluster mode: how often this node tells Redis it is alive; one "
-    "silent for three periods is dead and its members leave [default: 5s].",
-    "redis-queue-size": "Cluster mode: commands awaiting Redis's reply before further "
-    "messages for other nodes are dropped and counted [default: 10000].",
-    "turn-secret": "TURN REST API shared secret (coturn's static-auth-secret): /ice-servers "
-    "hands out time-limited TURN credentials [default: off]. Prefer --turn-secret-file.",
-    "turn-secret-file": "File holding the TURN REST API shared secret [default: off].",
-    "turn-ttl": "Lifetime of the TURN credentials /ice-servers hands out [default: 1h].",
-    "demo": "Serve the WebRTC demo page at /demo [default: off].",
-}
+
+def help_text(option: Option) -> str:
+    """An option's --help line: its help and its default, both from the table."""
+    return f"{option.help} [default: {option.default_text}]"
+
+
+def _append_to(option: Option) -> Callable[[usage.Options, str], None]:
+    """The opt_* method of a repeatable option: each use adds one value."""
+    def opt(self: usage.Options, value: str) -> None:
+        self[option.name].append(value)
+
+    opt.__name__ = "opt_" + option.name.replace("-", "_")
+    opt.__doc__ = help_text(option)
+    return opt
 
 
 class Options(usage.Options):
-    """The `iwrelay` options; each may also come from IWRELAY_<NAME> in the environment."""
+    """The `iwrelay` options, made from `iw_relay.config.OPTIONS`; each may also come from
+    IWRELAY_<NAME> in the environment."""
 
     synopsis = "[options]"
     longdesc = (
         "Every option may also be set as IWRELAY_<NAME> (e.g. IWRELAY_RATE_LIMIT=200); "
-        "the command line wins. PORT, LOG_LEVEL and NODE_ENV=production are honoured "
-        "as by the original relay. DURATION: seconds, or a number with ms, s, m, h, d. "
-        "SIZE: bytes, or a number with KiB or MiB."
+        "the command line wins. Repeatable options take several values separated by "
+        "spaces there. PORT, LOG_LEVEL and NODE_ENV=production are honoured as by the "
+        "original relay. DURATION: seconds, or a number with ms, s, m, h, d. SIZE: bytes, "
+        "or a number with KiB or MiB."
     )
-    optParameters = [[name, None, None, _HELP[name]] for name in OPTION_PARSERS]
-    optFlags = [[name, None, _HELP[name]] for name in FLAG_OPTIONS]
+    optParameters = [[o.name, None, None, help_text(o)] for o in OPTIONS if o.kind == "value"]
+    optFlags = [[o.name, None, help_text(o)] for o in OPTIONS if o.kind == "flag"]
+    locals().update({f"opt_{o.name.replace('-', '_')}": _append_to(o)
+                     for o in OPTIONS if o.kind == "list"})
 
     def __init__(self, environ: Mapping[str, str] | None = None, reactor: object = None):
         super().__init__()
-        self["port"] = []
-        for option in LIST_OPTIONS:
-            self[option] = []
+        for option in OPTIONS:
+            if option.kind == "list":
+                self[option.name] = []
         self._environ = os.environ if environ is None else environ
         self._reactor = reactor
+        self._problem: str | None = None
         self.config: RelayConfig | None = None
 
-    def opt_allowed_origin(self, origin: str) -> None:
-        """Browser origin allowed to connect (repeatable), e.g. https://editor.example.org; others get HTTP 403 [default: any]."""  # noqa: E501
-        self["allowed-origin"].append(origin)
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as problem:
+            self._problem = str(problem)
+            raise
 
-    def opt_trusted_proxy(self, cidr: str) -> None:
-        """Proxy address or network (repeatable) whose X-Forwarded-For / X-Real-IP give the client address [default: none]."""  # noqa: E501
-        self["trusted-proxy"].append(cidr)
-
-    def opt_turn_uri(self, uri: str) -> None:
-        """TURN URI handed out by /ice-servers with time-limited credentials (repeatable; needs --turn-secret), e.g. turn:turn.example.org:3478?transport=udp [default: none]."""  # noqa: E501
-        self["turn-uri"].append(uri)
-
-    def opt_stun_uri(self, uri: str) -> None:
-        """STUN URI handed out by /ice-servers (repeatable), e.g. stun:stun.example.org:3478 [default: none]."""  # noqa: E501
-        self["stun-uri"].append(uri)
-
-    def opt_port(self, endpoint: str) -> None:
-        """Endpoint to listen on (repeatable), e.g. tcp:3000:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem [default: tcp:$PORT or tcp:3000]."""  # noqa: E501
-        self["port"].append(endpoint)
+    def getUsage(self, width: int | None = None) -> str:
+        """After a bad value, nothing: twistd and twist print the usage with the error,
+        and 90 lines of options would bury it. --help still prints them all."""
+        if self._problem is not None:
+            return ""
+        return super().getUsage(width)
 
     def postOptions(self) -> None:
-        from_env = settings_from_environment(self._environ)
+        try:
+            from_env = environment_settings(self._environ)
+        except ValueError as problem:
+            raise usage.UsageError(str(problem)) from None
         changes: dict[str, object] = {}
         for option, (field, parse) in OPTION_PARSERS.items():
             if self[option] is not None:
                 source, text = f"--{option}", self[option]
             elif option in from_env:
-                source, text = env_name(option), from_env[option]
+                source, text = from_env[option]
             else:
                 continue
             if field in changes:
@@ -137,8 +114,11 @@ class Options(usage.Options):
             except ValueError as problem:
                 raise usage.UsageError(f"{source}: {problem}") from None
         for option, (field, parse) in LIST_OPTIONS.items():
-            source = f"--{option}" if self[option] else env_name(option)
-            values = self[option] or from_env.get(option, "").split()
+            if self[option]:
+                source, values = f"--{option}", self[option]
+            else:
+                source, text = from_env.get(option, (env_name(option), ""))
+                values = text.split()
             try:
                 changes[field] = tuple(parse(value) for value in values)
             except ValueError as problem:
@@ -147,19 +127,39 @@ class Options(usage.Options):
             if self[option]:
                 changes[field] = True
             elif option in from_env:
+                source, text = from_env[option]
                 try:
-                    changes[field] = parse_flag(from_env[option])
+                    changes[field] = parse_flag(text)
                 except ValueError as problem:
-                    raise usage.UsageError(f"{env_name(option)}: {problem}") from None
-        ports = self["port"] or from_env.get("port", "").split() or list(RelayConfig.ports)
+                    raise usage.UsageError(f"{source}: {problem}") from None
+        if self["port"]:
+            source, ports = "--port", self["port"]
+        elif "port" in from_env:
+            source, text = from_env["port"]
+            ports = text.split()
+        else:
+            source, ports = "--port", list(RelayConfig.ports)
         for port in ports:
-            self._check_endpoint(port, "--port")
+            self._check_endpoint(port, source)
         if changes.get("metrics_port"):
             self._check_endpoint(changes["metrics_port"], "--metrics-port")
         try:
             self.config = RelayConfig(ports=tuple(ports), **changes)
         except ValueError as problem:
             raise usage.UsageError(str(problem)) from None
+        if {"log_level", "log_format"} & changes.keys():
+            self._log_under_twist(self.config)
+
+    def _log_under_twist(self, config: RelayConfig) -> None:
+        """Under `twist`, its runner logs, with its own --log-level and --log-format given
+        before the plugin name: hand it the relay's level and observer instead, so that
+        ``twist iwrelay --log-format json`` works as ``twistd -n iwrelay`` does."""
+        parent = getattr(self, "parent", None)
+        if parent is None or type(parent).__name__ != "TwistOptions":
+            return
+        parent["logLevel"] = logs.LEVELS[config.log_level]
+        parent["fileLogObserverFactory"] = lambda out: logs.make_observer(config, out)
+        parent["logFormat"] = config.log_format
 
     def _check_endpoint(self, description: str, option: str) -> None:
         """Parse the endpoint now (it reads TLS files), so a typo fails before listening."""

@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from iw_relay.config import RelayConfig, parse_duration, parse_size
-from iw_relay.tap import Options, makeService
+from iw_relay.config import OPTIONS, RelayConfig, env_name, parse_duration, parse_size
+from iw_relay.tap import Options, help_text, makeService
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -99,7 +101,12 @@ def test_the_originals_variables():
     (["--port", "tcp:notaport"], {}, "--port"),
     (["--port", "ssl:443:privateKey=/nonexistent.pem"], {}, "--port"),
     ([], {"IWRELAY_RATE_WINDOW": "zz"}, "IWRELAY_RATE_WINDOW"),
-    ([], {"PORT": "http"}, "--port"),
+    ([], {"PORT": "http"}, "^PORT: 'http' is not a TCP port number"),
+    ([], {"PORT": "abc"}, "^PORT: 'abc'"),
+    ([], {"IWRELAY_PORT": "tcp:notaport"}, "^IWRELAY_PORT 'tcp:notaport'"),
+    ([], {"LOG_LEVEL": "loud"}, "^LOG_LEVEL: 'loud'"),
+    ([], {"IWRELAY_STUN_URI": "stun:a.example stun:"}, "^IWRELAY_STUN_URI: 'stun:'"),
+    ([], {"IWRELAY_DEMO": "maybe"}, "^IWRELAY_DEMO: 'maybe'"),
 ])
 def test_bad_values_name_the_option(args, environ, named):
     with pytest.raises(usage.UsageError, match=named):
@@ -181,3 +188,60 @@ def test_open_files_limit_is_raised_to_the_hard_limit():
         assert now == (hard if hard != resource.RLIM_INFINITY else max(lower, 1 << 20))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- the option table ------------------------------------------------------------------
+
+
+def test_every_setting_has_its_options_default():
+    """RelayConfig's fields are the table's, with the table's defaults."""
+    fields = {f.name: f for f in dataclasses.fields(RelayConfig)}
+    assert {option.field for option in OPTIONS} == set(fields)
+    for option in OPTIONS:
+        assert fields[option.field].default == option.default_value(), option.name
+    assert len({option.name for option in OPTIONS}) == len(OPTIONS)
+
+
+def test_help_is_made_from_the_table():
+    text = str(Options(environ={}, reactor=Clock()))
+    flat = "".join(text.split())  # --help wraps lines, even inside long words
+    for option in OPTIONS:
+        assert f"--{option.name}" in text
+        assert "".join(help_text(option).split()) in flat, option.name
+    assert "[default: 1s]" in help_text(next(o for o in OPTIONS if o.name == "rate-window"))
+    # A default is written once, in the table, not also in the help.
+    assert not any("default" in option.help.lower() for option in OPTIONS)
+
+
+def _example(option):
+    """A valid value for `option`: its default, or a sample of its kind."""
+    samples = {"SECRET": "s3cret", "ORIGIN": "https://a.example", "CIDR": "10.0.0.0/8",
+               "URL": "redis://127.0.0.1:6379/0", "ENDPOINT": "tcp:0:interface=127.0.0.1"}
+    if option.name == "turn-uri":
+        return "turn:turn.example:3478"
+    if option.name == "stun-uri":
+        return "stun:stun.example:3478"
+    return option.default or samples[option.metavar]
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.kind != "flag"
+                                    and not o.name.endswith("-file")], ids=lambda o: o.name)
+def test_every_option_from_the_command_line_and_the_environment(option):
+    value = _example(option)
+    # TURN URIs and the TURN secret are only valid together.
+    companion = {"turn-uri": ("turn-secret", "x"),
+                 "turn-secret": ("turn-uri", "turn:t.example")}.get(option.name)
+    extra = [f"--{companion[0]}", companion[1]] if companion else []
+    env_extra = {env_name(companion[0]): companion[1]} if companion else {}
+    from_args = parse([f"--{option.name}", value, *extra])
+    from_env = parse([], {option.env: value, **env_extra})
+    expected = option.parse(value)
+    if option.kind == "list":
+        expected = (expected,)
+    assert getattr(from_args, option.field) == getattr(from_env, option.field) == expected
+
+
+def test_flag_from_the_command_line_and_the_environment():
+    assert parse(["--demo"]).demo is True
+    assert parse([], {"IWRELAY_DEMO": "yes"}).demo is True
+    assert parse([], {"IWRELAY_DEMO": "0"}).demo is False
