@@ -12,9 +12,10 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -32,8 +33,11 @@ from iw_relay.config import (
     parse_flag,
 )
 from iw_relay.service import RelayService
+from iw_relay.tlscheck import certificates_without_san
 
 _log = Logger()
+#: The exit status when a port cannot be opened (sysexits' EX_UNAVAILABLE).
+EXIT_CANNOT_LISTEN = 69
 
 
 def help_text(option: Option) -> str:
@@ -173,6 +177,17 @@ class Options(usage.Options):
             raise usage.UsageError(f"{option} {description!r}: {problem}") from None
 
 
+def config_from_environment(environ: Mapping[str, str] | None = None) -> RelayConfig:
+    """The settings `twistd iwrelay` would run with and no options: every IWRELAY_*
+    variable, and PORT, LOG_LEVEL and NODE_ENV as the original relay read them. For
+    applications (.tac files) that adopt the relay. A bad value raises UsageError naming
+    the variable."""
+    options = Options(environ=environ)
+    options.parseOptions([])
+    assert options.config is not None
+    return options.config
+
+
 class TwistdRelayService(RelayService):
     """RelayService as the twistd plugin runs it.
 
@@ -188,11 +203,31 @@ class TwistdRelayService(RelayService):
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
             parent.setComponent(ILogObserver, logs.make_observer(self.config, sys.stdout))
 
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        for child in self:
+            self._start(child, child.privilegedStartService)
+
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
+        for child in self:
+            self._start(child, child.startService)
         from twisted.internet import reactor
 
         reactor.callWhenRunning(self._stop_on_signals, reactor)
+
+    def _start(self, child: IService, start: Callable[[], None]) -> None:
+        """A port that cannot be opened (in use, a privileged port, an unknown address)
+        ends the process with one line naming it and the reason, not a traceback."""
+        try:
+            start()
+        except CannotListenError as problem:
+            described = next((f"--port {d}" for d, listener in self._listeners.items()
+                              if listener is child), f"--metrics-port {self.config.metrics_port}")
+            reason = getattr(problem.socketError, "strerror", None) or problem.socketError
+            sys.__stderr__.write(f"iwrelay: cannot listen on {described}: {reason}\n")
+            sys.__stderr__.flush()
+            raise SystemExit(EXIT_CANNOT_LISTEN) from None
 
     def _stop_on_signals(self, reactor: object) -> None:
         def stop(signum: int, frame: object) -> None:
@@ -233,9 +268,17 @@ def reload_on_sighup(service: RelayService) -> None:
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
 
 
+def warn_of_certificates_without_san(config: RelayConfig) -> None:
+    """Each certificate of an ssl: or tls: port without a subjectAltName, in the log."""
+    for description in config.ports:
+        for problem in certificates_without_san(description):
+            _log.warn("{problem}", problem=problem)
+
+
 def makeService(options: Options) -> IService:
     logs.quiet_autobahn()
     raise_open_files_limit()
+    warn_of_certificates_without_san(options.config)
     service = TwistdRelayService(options.config)
     reload_on_sighup(service)
     return service

@@ -7,25 +7,20 @@ its ports when the application starts, sweeps expired rooms while it runs, and o
 (SIGTERM, SIGINT) tells every member `server-shutdown`, closes them with 1001 and lets the
 process exit once they are gone or the shutdown timeout has passed.
 
-IWRELAY_PORT holds one or more whitespace-separated Twisted endpoint strings
-(default tcp:3000), e.g. "tcp:3000:interface=127.0.0.1 ssl:443:privateKey=...".
-Every other setting is a `RelayConfig` field (see iw_relay/config.py).
+The relay's settings come from the environment exactly as `twistd iwrelay` reads them:
+every IWRELAY_* variable (IWRELAY_PORT holds one or more whitespace-separated Twisted
+endpoint strings, default tcp:3000), and the original relay's PORT, LOG_LEVEL and
+NODE_ENV. Code may build a `RelayConfig(...)` of its own instead.
 """
-
-import os
 
 from twisted.application import service
 
-from iw_relay import RelayConfig, RelayService
+from iw_relay import RelayService
+from iw_relay.tap import config_from_environment
 
 application = service.Application("my-app")
 
-config = RelayConfig(
-    ports=tuple(os.environ.get("IWRELAY_PORT", "tcp:3000").split()),
-    rate_limit=100,
-    room_expiry=24 * 3600.0,
-    shutdown_timeout=10.0,
-)
+config = config_from_environment()
 RelayService(config).setServiceParent(application)
 
 # The application's other services are adopted the same way, e.g.

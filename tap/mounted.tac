@@ -7,8 +7,9 @@ and clients connect to ws://HOST:PORT/relay/room/{roomId} (or /relay/?room={room
 /relay/health and /relay/stats are the relay's, everything else is the application's.
 
 APP_PORT is the application's own endpoint (default tcp:8080). The relay's settings come
-from the same IWRELAY_* environment variables as `twistd iwrelay` (IWRELAY_PORT is not
-used: the relay opens no port of its own here).
+from the environment exactly as `twistd iwrelay` (and tap/iwrelay.tac) read them: every
+IWRELAY_* variable, and the original relay's LOG_LEVEL and NODE_ENV. IWRELAY_PORT and
+PORT are not used: the relay opens no port of its own here.
 """
 
 import os
@@ -19,18 +20,19 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from iw_relay import RelayService
-from iw_relay.tap import Options
+from iw_relay.tap import config_from_environment
 
 application = service.Application("my-web-app")
 
-# The relay's settings, read and checked exactly as the twistd plugin reads them.
-options = Options()
-options.parseOptions([])
+# The relay's settings, read and checked exactly as the twistd plugin reads them. The
+# relay's own ports are not opened (listen=False), so PORT and IWRELAY_PORT are left out.
+environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "IWRELAY_PORT")}
+config = config_from_environment(environ)
 
 # listen=False: no port of its own, but the service is still adopted by the application,
 # so the registry's expiry sweep runs and, on stop, every member gets server-shutdown
 # and a 1001 close.
-relay = RelayService(options.config, listen=False)
+relay = RelayService(config, listen=False)
 relay.setServiceParent(application)
 
 root = Resource()

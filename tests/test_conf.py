@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,82 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     # verify only warns (exit code 0) about unknown keys or bad values: none allowed.
     assert complaints == [], "\n".join(complaints)
+
+
+def test_nginx_example_logs_no_room_id(tmp_path):
+    """Both server blocks of the nginx example, run by a real nginx on loopback: requests
+    carrying room ids in their path and query are logged without them."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    ca = trustme.CA()
+    server = ca.issue_cert("relay.example.org", "127.0.0.1")
+    server.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    plain, secure, upstream = free_port(), free_port(), free_port()
+    site = (CONF / "nginx-proxy.conf").read_text()
+    for old, new in [
+        ("listen 80;", f"listen 127.0.0.1:{plain};"), ("listen [::]:80;", ""),
+        ("listen 443 ssl;", f"listen 127.0.0.1:{secure} ssl;"), ("listen [::]:443 ssl;", ""),
+        ("server 127.0.0.1:3000;", f"server 127.0.0.1:{upstream};"),
+        ("/etc/letsencrypt/live/relay.example.org/fullchain.pem", str(tmp_path / "cert.pem")),
+        ("/etc/letsencrypt/live/relay.example.org/privkey.pem", str(tmp_path / "key.pem")),
+        ("/var/log/nginx/", f"{tmp_path}/"), ("/var/www/letsencrypt", str(tmp_path)),
+    ]:
+        assert old in site, old
+        site = site.replace(old, new)
+    (tmp_path / "site.conf").write_text(site)
+    temp = " ".join(f"{kind}_temp_path {tmp_path}/{kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        # nginx's default log, where a server block sets none, kept in tmp_path too.
+        f"events {{}}\nhttp {{ {temp} access_log {tmp_path}/default.log; "
+        f"include {tmp_path}/site.conf; }}\n")
+    process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                                "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        codes = []
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context),
+            type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+                 {"redirect_request": lambda *args: None}))
+        for url in (f"http://127.0.0.1:{plain}/room/SecretRoomOne?room=SecretRoomTwo",
+                    f"https://127.0.0.1:{secure}/room/SecretRoomThree"):
+            deadline = time.monotonic() + 10
+            while True:
+                request = urllib.request.Request(url, headers={"Host": "relay.example.org"})
+                try:
+                    codes.append(opener.open(request, timeout=5).status)
+                    break
+                except urllib.error.HTTPError as answer:
+                    codes.append(answer.code)
+                    break
+                except urllib.error.URLError as problem:
+                    if not isinstance(problem.reason, ConnectionRefusedError):
+                        raise
+                    assert process.poll() is None, process.stderr.read().decode()
+                    assert time.monotonic() < deadline, f"nginx did not answer: {problem}"
+                    time.sleep(0.05)  # polling for nginx's port, bounded by the deadline
+        assert codes == [301, 502]  # to https; no relay behind it in this test
+    finally:
+        process.terminate()
+        process.wait(10)
+    log = (tmp_path / "iwrelay.access.log").read_text()
+    assert len(log.splitlines()) == 2, log
+    assert "SecretRoom" not in log
+    assert "SecretRoom" not in "".join(p.read_text(errors="replace") for p in tmp_path.glob(
+        "*.log") if p.name != "error.log")

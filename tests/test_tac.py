@@ -4,7 +4,9 @@ subprocess, with real clients over loopback."""
 from __future__ import annotations
 
 import signal
+import subprocess
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -18,6 +20,7 @@ from tests.test_twistd import (
     assert_exited_by,
     get_json,
     http_get,
+    relay_environment,
     spawn,  # noqa: F401 (a fixture)
     stop_relay,
     within,
@@ -121,3 +124,39 @@ async def test_relay_mounted_under_an_application_site(spawn):  # noqa: F811
     assert '"GET / HTTP/1.1" 200' in output and '"GET /elsewhere HTTP/1.1" 404' in output
     assert "/relay" not in output
     assert room not in output and "LateRoom" not in output
+
+
+TACS = {"iwrelay.tac": ("IWRELAY_PORT", "/room/"), "mounted.tac": ("APP_PORT", "/relay/room/")}
+
+
+@pytest.mark.parametrize("tac", sorted(TACS))
+@pytest_twisted.ensureDeferred
+async def test_both_applications_read_every_setting_from_the_environment(spawn, tac):  # noqa: F811
+    """The .tac files read the environment as `twistd iwrelay` does, not only the port."""
+    port_variable, rooms = TACS[tac]
+    env = {port_variable: LOOPBACK, "IWRELAY_MAX_ROOM_SIZE": "1",
+           "IWRELAY_RATE_LIMIT": "1", "IWRELAY_RATE_WINDOW": "1m", "NODE_ENV": "production"}
+    app = await run_tac(spawn, tac, env).wait_listening()
+    alice = await connect(reactor, app.port, rooms + "TacSettings")
+    await within(alice.wait_for(1))
+    bob = await connect(reactor, app.port, rooms + "TacSettings")
+    assert (await within(bob.closed))[0] == 1008
+    assert bob.messages_of("error")[0]["code"] == "ROOM_FULL"      # IWRELAY_MAX_ROOM_SIZE
+    alice.send_json({"type": "op"})
+    alice.send_json({"type": "op"})
+    errors = await within(alice.wait_for(2))
+    assert errors[1]["code"] == "RATE_LIMIT_EXCEEDED"               # IWRELAY_RATE_LIMIT
+    returncode = await stop_relay(app, [alice])
+    assert_exited_by(returncode, signal.SIGTERM, app, plugin=False)
+
+
+@pytest.mark.parametrize("tac", sorted(TACS))
+def test_both_applications_name_a_bad_variable(tmp_path, tac):
+    port_variable, _ = TACS[tac]
+    finished = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "-y", str(TAP / tac)],
+        env=relay_environment({port_variable: LOOPBACK, "IWRELAY_ROOM_EXPIRY": "soon"}),
+        cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0, output
+    assert "IWRELAY_ROOM_EXPIRY: 'soon' is not a duration" in output

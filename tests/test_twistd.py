@@ -878,24 +878,53 @@ async def test_original_relay_variables_and_the_command_line_wins(spawn):
         (["--port", "ssl:0:privateKey=/nonexistent/key.pem"], {}, "--port 'ssl:0:"),
         ([], {"IWRELAY_RATE_WINDOW": "zz"}, "IWRELAY_RATE_WINDOW: 'zz'"),
         ([], {"IWRELAY_MAX_MESSAGE_SIZE": "1MB"}, "IWRELAY_MAX_MESSAGE_SIZE: '1MB'"),
+        ([], {"PORT": "abc"}, "PORT: 'abc' is not a TCP port number"),
+        (["--no-such-option"], {}, "option --no-such-option not recognized"),
     ],
     ids=["rate-limit", "room-expiry", "port", "log-format", "tls-files", "env-window",
-         "env-size"],
+         "env-size", "env-PORT", "unknown"],
 )
-def test_bad_option_value_is_a_usage_error_before_listening(tmp_path, options, env, named):
-    port = free_port()
+@pytest.mark.parametrize("program", ["twistd", "twist"])
+def test_bad_option_value_is_one_line_before_listening(tmp_path, options, env, named,
+                                                       program):
+    """The error is all that is printed: not buried under the 90 lines of --help."""
+    ports = [] if "PORT" in env else ["--port", f"tcp:{free_port()}:interface=127.0.0.1"]
+    launcher = [TWISTD, "-n", "--pidfile="] if program == "twistd" else [_script("twist")]
     finished = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "iwrelay",
-         "--port", f"tcp:{port}:interface=127.0.0.1", *options],
+        [*launcher, "iwrelay", *ports, *options],
         env=relay_environment(env), cwd=tmp_path, capture_output=True, text=True,
         timeout=30, check=False,
     )
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0, output
-    assert "Usage: twistd" in output
-    # twistd prints the usage and then the problem, on stdout.
-    assert any(named in line for line in output.splitlines()), output
+    lines = [line for line in output.splitlines() if line.strip()]
+    mentions = [line for line in lines if named in line]
+    assert mentions, output
+    # twistd prints its one-line synopsis, then the error; twist the error, then its
+    # synopsis.
+    assert len(lines) <= 2, output
+    assert "--max-connections-per-ip" not in output and "Traceback" not in output
     assert "starting on" not in output and "Starting factory" not in output
+
+
+@pytest.mark.parametrize("program", ["twistd", "twist"])
+def test_a_busy_port_is_one_line_and_a_failure(tmp_path, program):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        launcher = [TWISTD, "-n", "--pidfile="] if program == "twistd" else [
+            _script("twist")]
+        finished = subprocess.run(
+            [*launcher, "iwrelay", "--port", LOOPBACK, "--port", busy],
+            env=relay_environment(), cwd=tmp_path, capture_output=True, text=True,
+            timeout=30, check=False,
+        )
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 69, output
+    assert finished.stderr.strip().splitlines() == [
+        f"iwrelay: cannot listen on --port {busy}: Address already in use"], output
+    assert "Traceback" not in output and "CannotListenError" not in output
 
 
 @pytest_twisted.ensureDeferred
@@ -912,3 +941,77 @@ async def test_twist_runs_the_plugin_too(spawn):
     assert returncode == 0
     output = relay.stdout + relay.stderr
     assert "joined room" in output and "TwistRoomW3" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_twist_takes_the_relays_log_options_after_the_plugin_name(spawn):
+    """`twist iwrelay --log-format json --log-level warn` logs as twistd would."""
+    port = free_port()
+    relay = spawn([_script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1",
+                   "--log-format", "json", "--log-level", "warn"])
+    await relay.wait_serving(port)
+    alice = await join(reactor, port, "TwistWarnRoom")
+    returncode = await stop_relay(relay, [alice])
+    assert returncode == 0
+    assert "joined room" not in relay.stdout  # info: below warn
+    assert "starting on" not in relay.stdout
+
+    port = free_port()
+    relay = spawn([_script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1",
+                   "--log-format", "json"])
+    await relay.wait_serving(port)
+    alice = await join(reactor, port, "TwistJsonRoom")
+    returncode = await stop_relay(relay, [alice])
+    assert returncode == 0
+    records = json_lines(relay.stdout)  # every line is one plain JSON object
+    joined = next(r for r in records if "joined room" in r["message"])
+    assert joined["room"] == room_hash("TwistJsonRoom") and joined["level"] == "info"
+
+
+def _cn_only_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate naming its host in the subject's CN only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now().astimezone()
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now).not_valid_after(now.replace(year=now.year + 1))
+                   .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
+    key_path.write_bytes(key_pem)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificates_without_subject_alt_name_are_named_at_start(
+        spawn, tmp_path, certificates):
+    key, cert = _cn_only_certificate(tmp_path, "cn-only.example")
+    sni = tmp_path / "sni"
+    sni.mkdir()
+    (sni / "cn-only.example.pem").write_bytes(key.read_bytes() + cert.read_bytes())
+    good = sni / "localhost.pem"
+    good.write_bytes(certificates["privkey"].read_bytes()
+                     + certificates["fullchain"].read_bytes())
+    relay = await start_relay(
+        spawn, "--port", LOOPBACK,
+        "--port", f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+        "--port", f"tls:{sni}:port={free_port()}:interface=127.0.0.1",
+        "--port", f"ssl:0:privateKey={certificates['privkey']}"
+                  f":certKey={certificates['cert']}:interface=127.0.0.1",
+        listening=4)
+    returncode = await stop_relay(relay)
+    assert_exited_by(returncode, signal.SIGTERM, relay)
+    warnings = [line for line in relay.stdout.splitlines() if "subjectAltName" in line]
+    assert len(warnings) == 2, relay.stdout
+    assert f"{cert} has no subjectAltName" in warnings[0]
+    assert f"{sni / 'cn-only.example.pem'} has no subjectAltName" in warnings[1]
+    assert "#warn]" in warnings[0]
