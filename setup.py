@@ -23,7 +23,9 @@ setup(
     extras_require={
         "test": [
             "pytest", "pytest-twisted", "pytest-timeout", "treq", "trustme", "hypothesis",
-            "ruff", "pyyaml", "docutils",
+            "ruff", "pyyaml", "docutils", "mypy",
+            # tests/test_readme.py builds docs/ with warnings as errors.
+            "sphinx",
             # Drives the system's chromium (apt-get install chromium) in test_browser.py;
             # never `playwright install`.
             "playwright",

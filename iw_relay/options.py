@@ -9,6 +9,7 @@ written; a test checks that the committed page is what this prints.
 from __future__ import annotations
 
 import sys
+import textwrap
 
 from iw_relay.config import OPTIONS, Option
 
@@ -82,7 +83,8 @@ def option_entry(option: Option) -> str:
                       "environment")
     elif option.kind == "flag":
         fields.append(":Flag: no value; ``1`` or ``0`` in the environment")
-    body = [option.help, "", *fields]
+    body = [*textwrap.wrap(option.help, 85, break_long_words=False, break_on_hyphens=False),
+            "", *fields]
     return f".. option:: {signature}\n\n" + "".join(
         f"   {line}\n" if line else "\n" for line in body)
 

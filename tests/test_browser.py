@@ -171,8 +171,8 @@ def test_demo_pages_connect_through_coturn_with_the_relays_credentials(tmp_path)
 
 
 def readme_example() -> str:
-    """The README's "From a plain browser WebSocket" example, as written there."""
-    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    """The "From a plain browser WebSocket" example of docs/signaling.rst, as written."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "signaling.rst").read_text()
     section = readme.split("From a plain browser ``WebSocket``", 1)[1].split("\nDemo page\n")[0]
     block = section.split("::\n\n", 1)[1]
     lines = []
