@@ -29,7 +29,8 @@ wins. Run ``twistd iwrelay --help`` for the same list as this page.
   (``--allowed-origin https://a.example --allowed-origin https://b.example``); in the
   environment it takes several values separated by spaces
   (``IWRELAY_ALLOWED_ORIGIN="https://a.example https://b.example"``). The repeatable
-  options are {repeatable}.
+  options are
+  {repeatable}.
 - A flag takes no value on the command line (``--demo``); in the environment it is
   ``1``, ``true``, ``yes`` or ``on`` (or ``0``, ``false``, ``no``, ``off``).
 - The original relay's variables are honoured where the ``IWRELAY_`` ones are unset:
@@ -39,8 +40,8 @@ wins. Run ``twistd iwrelay --help`` for the same list as this page.
   the variable that holds it, and a non-zero exit status; so does an endpoint that does
   not parse, or a TLS file that cannot be read.
 - When the relay is embedded (:doc:`embedding`), the same settings are the fields of
-  ``iw_relay.RelayConfig``, named after the option with underscores
-  (``rate_limit``), durations in seconds and sizes in bytes.
+  ``iw_relay.RelayConfig``, each named below, with durations in seconds and sizes in
+  bytes.
 
 Values
 ------
@@ -77,7 +78,8 @@ def option_entry(option: Option) -> str:
     else:
         default = _literal(option.default) if option.default is not None else (
             option.default_text)
-    fields = [f":Default: {default}", f":Environment: {_literal(option.env)}"]
+    fields = [f":Default: {default}", f":Environment: {_literal(option.env)}",
+              f":RelayConfig: {_literal(option.field)}"]
     if option.kind == "list":
         fields.append(":Repeatable: yes; several values separated by spaces in the "
                       "environment")

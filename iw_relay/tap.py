@@ -225,8 +225,9 @@ class TwistdRelayService(RelayService):
             described = next((f"--port {d}" for d, listener in self._listeners.items()
                               if listener is child), f"--metrics-port {self.config.metrics_port}")
             reason = getattr(problem.socketError, "strerror", None) or problem.socketError
-            sys.__stderr__.write(f"iwrelay: cannot listen on {described}: {reason}\n")
-            sys.__stderr__.flush()
+            stderr = sys.__stderr__ or sys.stderr  # twistd has redirected sys.stderr to its log
+            stderr.write(f"iwrelay: cannot listen on {described}: {reason}\n")
+            stderr.flush()
             raise SystemExit(EXIT_CANNOT_LISTEN) from None
 
     def _stop_on_signals(self, reactor: object) -> None:
@@ -276,9 +277,11 @@ def warn_of_certificates_without_san(config: RelayConfig) -> None:
 
 
 def makeService(options: Options) -> IService:
+    config = options.config
+    assert config is not None, "parseOptions() makes the config"
     logs.quiet_autobahn()
     raise_open_files_limit()
-    warn_of_certificates_without_san(options.config)
-    service = TwistdRelayService(options.config)
+    warn_of_certificates_without_san(config)
+    service = TwistdRelayService(config)
     reload_on_sighup(service)
     return service

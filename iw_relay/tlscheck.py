@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -29,8 +28,8 @@ def _arguments(description: str) -> tuple[list[str], dict[str, str]]:
 
 def _dns_names(certificate: x509.Certificate) -> list[str]:
     try:
-        names = certificate.extensions.get_extension_for_oid(
-            ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
     return [*names.get_values_for_type(x509.DNSName),
@@ -39,8 +38,8 @@ def _dns_names(certificate: x509.Certificate) -> list[str]:
 
 def _is_authority(certificate: x509.Certificate) -> bool:
     try:
-        return bool(certificate.extensions.get_extension_for_oid(
-            ExtensionOID.BASIC_CONSTRAINTS).value.ca)
+        return certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
 
