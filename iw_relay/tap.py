@@ -69,8 +69,7 @@ class Options(usage.Options):
     )
     optParameters = [[o.name, None, None, help_text(o)] for o in OPTIONS if o.kind == "value"]
     optFlags = [[o.name, None, help_text(o)] for o in OPTIONS if o.kind == "flag"]
-    locals().update({f"opt_{o.name.replace('-', '_')}": _append_to(o)
-                     for o in OPTIONS if o.kind == "list"})
+    # The repeatable options' opt_* methods are added below the class, from the table.
 
     def __init__(self, environ: Mapping[str, str] | None = None, reactor: object = None):
         super().__init__()
@@ -175,6 +174,11 @@ class Options(usage.Options):
             serverFromString(reactor, description)
         except Exception as problem:
             raise usage.UsageError(f"{option} {description!r}: {problem}") from None
+
+
+for _option in OPTIONS:
+    if _option.kind == "list":
+        setattr(Options, f"opt_{_option.name.replace('-', '_')}", _append_to(_option))
 
 
 def config_from_environment(environ: Mapping[str, str] | None = None) -> RelayConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from iw_relay.config import LIST_OPTIONS, OPTION_PARSERS, env_name, parse_duration
+from iw_relay.config import LIST_OPTIONS, OPTION_PARSERS, OPTIONS, env_name, parse_duration
 from iw_relay.tap import Options
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -112,6 +112,15 @@ def test_environment_file_documents_every_option():
     text = ENV_FILE.read_text()
     for option in [*OPTION_PARSERS, *LIST_OPTIONS, "port"]:
         assert re.search(rf"^#?{env_name(option)}=", text, re.MULTILINE), option
+
+
+def test_environment_file_shows_the_tables_defaults():
+    """Its commented value of each setting with a default is the option table's."""
+    text = ENV_FILE.read_text()
+    for option in OPTIONS:
+        if option.kind == "value" and option.default is not None:
+            shown = re.findall(rf"^#{option.env}=(.*)$", text, re.MULTILINE)
+            assert shown == [option.default], option.env
 
 
 def test_every_commented_example_is_valid(tmp_path):
