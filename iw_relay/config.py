@@ -195,7 +195,7 @@ class RelayConfig:
     auth_secret: bytes | None = field(default=None, repr=False)
     metrics_port: str | None = None
     drain_timeout: float = 0.0
-    #: Cluster mode (iw_relay.cluster): None keeps the embedded in-process registry.
+    #: Cluster mode (iw_relay.backplane.redis): None keeps rooms in this process only.
     redis: str | None = field(default=None, repr=False)
     node_heartbeat: float = 5.0
     redis_queue_size: int = 10000
