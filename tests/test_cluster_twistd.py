@@ -130,6 +130,9 @@ async def test_three_nodes_behave_as_one(spawn, redis_server):  # noqa: F811
     assert [s["messagesRelayed"] for s in counted] == [30, 0, 1]
     assert [s["currentConnections"] for s in counted] == [2, 2, 1]  # this node's own
     assert all(s["cluster"]["redis"] == "connected" for s in counted)
+    # The first connection is not a reconnection, and no outage is reported after it.
+    assert [s["cluster"]["redisReconnects"] for s in counted] == [0, 0, 0]
+    assert not any("could not reach the other nodes" in node.stdout for node in nodes)
     assert not any(m.messages_of("error") for m in (*members[:1], *members[2:], lonely))
     assert ops(lonely) == []
 

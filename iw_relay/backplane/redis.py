@@ -163,11 +163,13 @@ class RedisStore:
     def _ready(self, protocol: txredisapi.BaseRedisProtocol) -> Deferred[Any]:
         """ClientService's prepareConnection: usable once AUTH and SELECT are done (and,
         for the subscriber, once it listens to the inbox)."""
-        ready = protocol.whenConnected()
-        if isinstance(protocol, _Subscriber):
-            ready.addCallback(lambda p: p.subscribe(INBOX + self._node).addCallback(
-                lambda _: p))
-        return ready.addCallback(self._usable)
+        # (`protocol` is ClientService's proxy; whenConnected gives the protocol itself.)
+        return protocol.whenConnected().addCallback(self._listen).addCallback(self._usable)
+
+    def _listen(self, protocol: txredisapi.BaseRedisProtocol) -> Any:
+        if not isinstance(protocol, _Subscriber):
+            return protocol
+        return protocol.subscribe(INBOX + self._node).addCallback(lambda _: protocol)
 
     def _usable(self, protocol: txredisapi.BaseRedisProtocol) -> None:
         if not protocol.connected:
