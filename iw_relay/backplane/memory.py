@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from iw_relay.backplane.base import encode_committed, encode_header, encode_presence
-from iw_relay.backplane.shared import SharedBackplane, StoreLink, StoreUnreachable
+from iw_relay.backplane.shared import SharedBackplane, StoreLink, StoreUnreachableError
 from iw_relay.config import RelayConfig
 
 
@@ -129,14 +129,14 @@ class MemoryStore:
     def _reply(self, result: Any) -> Deferred[Any]:
         """The answer, one turn later, unless the link drops meanwhile."""
         if not self.up:
-            return fail(StoreUnreachable("the bus is not connected"))
+            return fail(StoreUnreachableError("the bus is not connected"))
         self.in_flight += 1
         done: Deferred[Any] = Deferred()
         generation = self.generation
 
         def answer() -> None:
             if generation != self.generation:
-                done.errback(StoreUnreachable("connection lost"))
+                done.errback(StoreUnreachableError("connection lost"))
                 return
             self.in_flight -= 1
             done.callback(result)
@@ -146,7 +146,7 @@ class MemoryStore:
 
     def _check(self) -> None:
         if not self.up:
-            raise StoreUnreachable("the bus is not connected")
+            raise StoreUnreachableError("the bus is not connected")
 
     # -- commands (what the Lua scripts do, in Python) ------------------------------------
 

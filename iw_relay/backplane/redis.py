@@ -38,7 +38,7 @@ from iw_relay.backplane.shared import (
     HEARTBEATS_TO_DEATH,
     SharedBackplane,
     StoreLink,
-    StoreUnreachable,
+    StoreUnreachableError,
 )
 from iw_relay.config import RelayConfig
 
@@ -204,7 +204,7 @@ class RedisStore:
     def _commands(self) -> _Commands:
         commands = self.commands
         if commands is None:
-            raise StoreUnreachable("Redis is not connected")
+            raise StoreUnreachableError("Redis is not connected")
         return commands
 
     def _sent(self, commands: _Commands, done: Deferred[Any]) -> Deferred[Any]:
@@ -226,7 +226,7 @@ class RedisStore:
         try:
             done = commands.publish(INBOX + node, envelope)
         except txredisapi.ConnectionError as problem:
-            raise StoreUnreachable(str(problem)) from None
+            raise StoreUnreachableError(str(problem)) from None
         return self._sent(commands, done)
 
     def join(self, node: str, key: str, connection_id: str, deadline: float, ttl_ms: int,

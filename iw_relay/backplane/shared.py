@@ -96,7 +96,7 @@ class Store(Protocol):
     def publish(self, node: str, envelope: bytes) -> Deferred[Any]: ...
 
 
-class StoreUnreachable(ConnectionError):
+class StoreUnreachableError(ConnectionError):
     pass
 
 
