@@ -13,33 +13,7 @@ from iw_relay.backplane.base import encode_header, encode_message, encode_presen
 from iw_relay.backplane.memory import MemoryBus, memory_backplane
 from iw_relay.config import RelayConfig
 from iw_relay.registry import RoomRegistry, room_key
-
-
-class Member:
-    """A fake member; closing it leaves its registry, as a closed WebSocket does."""
-
-    def __init__(self, registry: RoomRegistry, connection_id: str) -> None:
-        self.registry = registry
-        self.connection_id = connection_id
-        self.delivered: list[dict] = []
-        self.closed_with: tuple[int, str] | None = None
-
-    def deliver(self, frame: bytes) -> None:
-        self.delivered.append(json.loads(frame))
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-        self.registry.leave(self, code)
-
-    def of(self, kind: str) -> list[dict]:
-        return [m for m in self.delivered if m["type"] == kind]
-
-    def presence(self) -> list[tuple[str, str, int]]:
-        return [(m["type"], m["connectionId"], m["userCount"]) for m in self.delivered
-                if m["type"] in ("connected", "user-joined", "user-left")]
-
-    def ops(self) -> list[int]:
-        return [m["n"] for m in self.of("op")]
+from tests.members import Member
 
 
 class Cluster:
@@ -354,3 +328,20 @@ def test_expiry_is_fixed_by_the_first_join_anywhere(cluster):
     assert not a1.of("user-left") and not b1.of("user-left")
     assert a.rooms == {} and b.rooms == {}
     assert room_key("room") not in cluster.bus.members
+
+
+def test_a_stalled_node_found_dead_comes_back_with_its_members(cluster):
+    a, b = cluster.node(), cluster.node()
+    a1 = cluster.join(a, cid(1))
+    cluster.join(b, cid(2))
+    cluster.clock.pump([1.0] * 4)
+    b.backplane._heartbeat.stop()  # B stalls, still linked
+    cluster.clock.pump([1.0] * 4)
+    assert a1.presence()[-1] == ("user-left", cid(2), 1)
+    assert cid(2) not in cluster.bus.members[room_key("room")]  # reaped
+    b.backplane._heartbeat.start(1.0, now=True)  # B wakes: its key is gone
+    cluster.bus.settle()
+    assert a1.presence()[-1] == ("user-joined", cid(2), 2)
+    assert cluster.bus.members[room_key("room")][cid(2)] == b.backplane.node_id
+    cluster.clock.pump([1.0] * 4)
+    assert a1.presence()[-1] == ("user-joined", cid(2), 2)  # and stays

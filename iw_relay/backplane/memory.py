@@ -216,9 +216,8 @@ class MemoryStore:
                 found = deadline
                 bus.deadlines[key] = (deadline, bus.clock.seconds() + ttl_ms / 1000)
             for connection_id in present:
-                if connection_id not in members:
-                    members[connection_id] = node
-                    changes.append(encode_presence(b"j", key, connection_id))
+                members[connection_id] = node
+                changes.append(encode_presence(b"j", key, connection_id))
             bus.node_rooms.setdefault(node, set()).add(key)
         elif not members:
             bus.deadlines.pop(key, None)
@@ -246,7 +245,7 @@ class MemoryStore:
     def reap(self, node: str) -> Deferred[Any]:
         self._check()
         bus = self.bus
-        if node not in bus.nodes:
+        if node not in bus.nodes or bus.beats.get(node, 0) > bus.clock.seconds():
             return self._reply(0)
         bus.nodes.discard(node)
         for key in bus.node_rooms.pop(node, set()):

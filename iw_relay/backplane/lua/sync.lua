@@ -1,6 +1,7 @@
 -- After an outage, writes a node's members of one room back: those that left meanwhile
--- go, those present are added; the other nodes with members there are told of each
--- change. Returns {deadline or '', members (connection, node, ...)}.
+-- go, those present are added; the other nodes with members there are told of every one
+-- (they may have dropped them, finding this node dead while it was only stalled; a node
+-- ignores a join it knows). Returns {deadline or '', members (connection, node, ...)}.
 -- KEYS: room deadline, room members, this node's rooms.
 -- ARGV: node, deadline if new, room ttl ms, node-rooms ttl ms, room hash, inbox prefix,
 --       number of departed, departed..., present...
@@ -20,9 +21,8 @@ if present > 0 then
     redis.call('SET', KEYS[1], deadline, 'PX', ARGV[3])
   end
   for i = 8 + departed, #ARGV do
-    if redis.call('HSET', KEYS[2], ARGV[i], node) == 1 then
-      changes[#changes + 1] = 'j' .. h .. ARGV[i]
-    end
+    redis.call('HSET', KEYS[2], ARGV[i], node)
+    changes[#changes + 1] = 'j' .. h .. ARGV[i]
   end
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
