@@ -183,7 +183,8 @@ class SharedBackplane:
 
     @_machine.input()
     def _found_stale(self) -> None:
-        "Our own heartbeat had expired: the others may have removed our members."
+        """Our own heartbeat had expired (the others may have removed our members), or a
+        join or leave failed: the store must be told again."""
 
     @_machine.input()
     def _stop(self) -> None:
@@ -314,6 +315,7 @@ class SharedBackplane:
             self._joining.discard((key, connection_id))
             self._dirty = True
             self._events.join_committed(key, connection_id, None, None)
+            self._found_stale()  # connected: resynchronise now, not at the next outage
 
     def _commit_waiting_joins(self) -> None:
         """Joins the store will not answer now: committed with what this node knows."""
@@ -337,6 +339,8 @@ class SharedBackplane:
     def _leave_failed(self, failure: Any, key: str, connection_id: str) -> None:
         self._departed.setdefault(key, set()).add(connection_id)
         self._dirty = True
+        if failure is not None:
+            self._found_stale()
 
     def expire(self, key: str) -> None:
         if self.state == "connected":
