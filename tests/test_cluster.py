@@ -383,3 +383,23 @@ async def test_unicast_reaches_its_target_on_another_node_only(cluster):
     assert a.unicast(a1, h("b2"), b'{"type":"offer"}') is False
     assert a.stats.messagesRelayed == 41
     assert d1.of("offer") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_failing_a_presence_delivery_is_closed_as_on_one_node(
+        cluster, logged_failures):
+    a, b = cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    told = a1.deliver
+
+    def refuse_presence(frame: bytes) -> None:
+        if b"user-joined" in bytes(frame):
+            raise RuntimeError("socket gone")
+        told(frame)
+
+    a1.deliver = refuse_presence
+    await joined(Member(b, "b1"), "room")  # a1 hears of it through Redis, and fails
+    await until(lambda: a1.closed_with is not None, "a1 closed")
+    assert a1.closed_with == (1011, "Internal server error")
+    assert len(logged_failures.take()) == 1
