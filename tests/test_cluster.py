@@ -8,6 +8,8 @@ and from Redis go over real loopback sockets, waited for by bounded polling.
 from __future__ import annotations
 
 import json
+import re
+import socket
 
 import pytest
 import pytest_twisted
@@ -25,6 +27,20 @@ from iw_relay.tap import Options
 from tests.members import Member, h
 from tests.redis_process import redis_server  # noqa: F401 - a fixture
 from tests.test_twistd import until
+
+
+def publish_count(server) -> int:
+    """PUBLISH commands Redis has run, from INFO commandstats (scripts' own not counted)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as conn:
+        conn.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data[-8:] and (chunk := conn.recv(65536)):
+            data += chunk
+            if data.startswith(b"$") and len(data.split(b"\r\n", 1)[-1]) >= int(
+                    data[1:data.index(b"\r\n")]):
+                break
+    found = re.search(rb"cmdstat_publish:calls=(\d+)", data)
+    return int(found.group(1)) if found else 0
 
 
 class Cluster:
@@ -340,7 +356,8 @@ async def test_max_room_size_holds_across_nodes(cluster):
 
 
 @pytest_twisted.ensureDeferred
-async def test_unicast_reaches_its_target_on_another_node_only(cluster):
+async def test_unicast_reaches_its_target_on_another_node_only(
+        cluster, redis_server):  # noqa: F811
     a, b, c = cluster.node(), cluster.node(), cluster.node()
     await cluster.connected()
     a1 = await joined(Member(a, "a1"), "room")
@@ -355,6 +372,8 @@ async def test_unicast_reaches_its_target_on_another_node_only(cluster):
     assert c1.of("connected")[0]["userCount"] == 5
     await until(lambda: len(a.rooms["room"].remote) == 3, "a knows c1")
 
+    await until(lambda: all(node.backplane.store.in_flight == 0 for node in (a, b, c)), "idle")
+    publishes = publish_count(redis_server)
     for n in range(20):
         a.broadcast(a1, json.dumps({"type": "op", "n": n}).encode())
         assert a.unicast(a1, h("b1"), json.dumps({"type": "candidate", "n": n}).encode())
@@ -372,6 +391,7 @@ async def test_unicast_reaches_its_target_on_another_node_only(cluster):
     assert a.stats.messagesRelayed == 41
     assert b.backplane.stats.messagesFromOtherNodes == 40  # 20 broadcasts, 20 unicasts
     # Batched: one PUBLISH per destination node per reactor turn, however many messages.
+    assert publish_count(redis_server) - publishes == 2
     assert c.backplane.stats.messagesFromOtherNodes == 20  # the broadcasts only
 
     # Unknown: nobody, a member of another room, the sender itself, one who left.
