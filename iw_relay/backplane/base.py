@@ -24,6 +24,12 @@ Envelope (one PUBLISH to a node's inbox)::
 
 The Lua scripts of the Redis backplane write ``j``, ``l``, ``x``, ``c`` and ``f`` entries
 themselves, so this layout is also what they build.
+
+Room state is keyed by the room's hash (`key`), never its id, and every relayed message
+passes through `Backplane.publish`/`unicast` with its room key: connection-state recovery
+(history, resume) can be added as further methods (record and replay per room key) and
+entry kinds, without reshaping these; a decoder ignores no unknown kind silently (it
+counts it), so a new kind needs a new VERSION only if old nodes must not see it.
 """
 
 from __future__ import annotations
