@@ -9,7 +9,9 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["iw_relay", "iw_relay.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/iwrelay.py"], "iw_relay.demo": ["*.html"]},
+    package_data={"twisted": ["plugins/iwrelay.py"], "iw_relay.demo": ["*.html"],
+                  # the Redis backplane's scripts, read with importlib.resources
+                  "iw_relay.backplane": ["lua/*.lua"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "pyjwt>=2.8",

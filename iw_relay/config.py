@@ -352,7 +352,7 @@ class RelayConfig:
     auth_secret: bytes | None = field(default=_default("auth-secret"), repr=False)
     metrics_port: str | None = _default("metrics-port")
     drain_timeout: float = _default("drain-timeout")
-    #: Cluster mode (iw_relay.cluster): None keeps the embedded in-process registry.
+    #: Cluster mode (iw_relay.backplane.redis): None keeps rooms in this process only.
     redis: str | None = field(default=_default("redis"), repr=False)
     node_heartbeat: float = _default("node-heartbeat")
     redis_queue_size: int = _default("redis-queue-size")

@@ -101,18 +101,21 @@ class RelayCollector:
              stats.slowConsumersDropped),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        cluster = registry.cluster_status()
+        cluster = registry.backplane.status()
         if cluster is not None:
             yield GaugeMetricFamily("iwrelay_redis_connected",
                                     "1 when this node is connected to Redis (cluster mode)",
-                                    value=int(cluster["redis"] == "connected"))
+                                    value=int(cluster["connected"]))
             for name, doc, key in (
                 ("iwrelay_cross_node_dropped", "Messages that could not be sent to the "
                  "other nodes (Redis unreachable or too slow)", "crossNodeDropped"),
                 ("iwrelay_messages_from_other_nodes", "Messages relayed here from other "
                  "nodes", "messagesFromOtherNodes"),
-                ("iwrelay_redis_connects", "(Re)connections to Redis", "redisReconnects"),
+                ("iwrelay_redis_reconnects", "Reconnections to Redis (not the first "
+                 "connection)", "redisReconnects"),
                 ("iwrelay_dead_nodes", "Other nodes found dead", "deadNodesSeen"),
+                ("iwrelay_bad_envelopes", "Malformed entries from the other nodes, "
+                 "dropped", "badEnvelopes"),
             ):
                 yield CounterMetricFamily(name, doc, value=cluster[key])
         yield registry.relay_seconds.family("iwrelay_relay_seconds",

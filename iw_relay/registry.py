@@ -4,6 +4,21 @@ It knows nothing of WebSockets: a member is anything with a `connection_id`, a
 `deliver(frame)` and a `close(code, reason)` (see `Member`). Frames handed to members
 come from `prepare(payload)`, called once per broadcast, so the WebSocket layer can
 frame a message once for all of its recipients.
+
+It knows nothing of Redis either: other nodes are behind `backplane` (iw_relay.backplane;
+one node by default), which it tells of joins, leaves, expiry and the messages for
+members elsewhere, and which tells it, through the `BackplaneEvents` methods, what the
+other nodes did. A room costs the backplane nothing per message while all its members
+are here (`Room.nodes` is empty).
+
+Ordering when a member joins a room that has members on other nodes: it is held
+"pending" (it receives nothing, what it sends is kept) until the backplane commits the
+join, then gets `connected` and, from then on, every message relayed to its node. The
+Redis backplane commits a join by a marker in the node's own inbox, written by the same
+script that adds the member and tells the other nodes: so every message Redis passes
+to this node after the join reaches the member, none from before, and each other node
+starts sending to this node from the moment it hears of the join (when it also tells
+its members `user-joined`).
 """
 
 from __future__ import annotations
@@ -17,15 +32,22 @@ from time import perf_counter
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from iw_relay import messages
 from iw_relay.admission import ConnectionCounter
+from iw_relay.backplane.base import Backplane
+from iw_relay.backplane.local import LocalBackplane
 from iw_relay.config import RelayConfig
 from iw_relay.metrics import DurationHistogram
+
+#: Messages kept from a member whose join is not committed yet (relayed once it is).
+PENDING_MESSAGES = 1000
+#: Another node's "expired" is followed if our deadline is this close (clock skew).
+EXPIRY_SKEW = 5.0
 
 
 class Member(Protocol):
@@ -41,11 +63,49 @@ def room_hash(room_id: str) -> str:
     return hashlib.sha256(room_id.encode()).hexdigest()[:12]
 
 
+def room_key(room_id: str) -> str:
+    """What the other nodes (and Redis) know a room by: a hash, never the id."""
+    return hashlib.sha256(b"iwrelay-room:" + room_id.encode()).hexdigest()[:32]
+
+
 @dataclass(eq=False)
 class Room:
     room_id: str
     expires_at: float
+    key: str = ""
+    #: This node's members, in the order they joined (pending ones included).
     members: dict[str, Member] = field(default_factory=dict)
+    #: Members on other nodes: connection id -> node.
+    remote: dict[str, str] = field(default_factory=dict)
+    #: How many of `remote` each other node has: where relayed messages must go.
+    nodes: Counter[str] = field(default_factory=Counter)
+    #: Members whose join the backplane has not committed yet, with what they sent
+    #: meanwhile (target or None, payload), relayed once they are in.
+    pending: dict[Member, list[tuple[str | None, bytes]]] = field(default_factory=dict)
+    #: False while this node has no snapshot of the remote members (presence events
+    #: are then held back in `early`, and applied after the snapshot).
+    synced: bool = False
+    early: list[tuple[bool, str, str]] = field(default_factory=list)
+    expired: bool = False
+
+    def count(self) -> int:
+        return len(self.members) - len(self.pending) + len(self.remote)
+
+    def add_remote(self, connection_id: str, node: str) -> bool:
+        if connection_id in self.remote or connection_id in self.members:
+            return False
+        self.remote[connection_id] = node
+        self.nodes[node] += 1
+        return True
+
+    def drop_remote(self, connection_id: str) -> bool:
+        node = self.remote.pop(connection_id, None)
+        if node is None:
+            return False
+        self.nodes[node] -= 1
+        if not self.nodes[node]:
+            del self.nodes[node]
+        return True
 
 
 @dataclass
@@ -63,6 +123,13 @@ class RelayStats:
 
 
 class RoomRegistry(Service):
+    """Every room of this node, and through `backplane` their members on other nodes.
+
+    One join path, one leave path, one delivery policy: a member whose delivery fails
+    (a message or presence) is closed with 1011 and harms no other member. The backplane
+    answers through the `BackplaneEvents` methods below (`join_committed`...).
+    """
+
     _log = Logger()
 
     def __init__(
@@ -71,6 +138,7 @@ class RoomRegistry(Service):
         clock: IReactorTime,
         prepare: Callable[[bytes], Any] = lambda payload: payload,
         wall_clock: Callable[[], float] = time.time,
+        backplane: Backplane | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -85,12 +153,15 @@ class RoomRegistry(Service):
         self.started_at = clock.seconds()
         self.start_time_ms = int(wall_clock() * 1000)
         self.rooms: dict[str, Room] = {}
+        self._by_key: dict[str, Room] = {}
         self._room_of: dict[Member, Room] = {}
         self._sweeper = LoopingCall(self.sweep_expired)
         self._sweeper.clock = clock
         self._emptied: list[Deferred[None]] = []
         self._shut_down: Deferred[None] | None = None
         self.stopping = False
+        self.backplane: Backplane = backplane if backplane is not None else LocalBackplane()
+        self.backplane.attach(self)
 
     # -- membership ------------------------------------------------------------------
 
@@ -99,46 +170,104 @@ class RoomRegistry(Service):
         return len(self._room_of)
 
     def join(self, member: Member, room_id: str) -> Room:
-        """Add `member` to `room_id` (creating it), tell it and the others."""
+        """Add `member` to `room_id` (creating it); once the backplane commits the join
+        (at once on one node), the member gets `connected` and the others `user-joined`."""
         room = self.rooms.get(room_id)
         if room is None:
-            room = Room(room_id, self.clock.seconds() + self.config.room_expiry)
+            room = Room(room_id, self.clock.seconds() + self.config.room_expiry,
+                        key=room_key(room_id))
             self.rooms[room_id] = room
+            self._by_key[room.key] = room
             self._log.debug("room {room} created", room=room_hash(room_id))
         room.members[member.connection_id] = member
+        room.pending[member] = []
         self._room_of[member] = room
         self.stats.connectionsTotal += 1
-        count = len(room.members)
+        self.backplane.join(room.key, member.connection_id, room.expires_at,
+                            self.config.max_room_size)
+        return room
+
+    def join_committed(self, key: str, connection_id: str, deadline: float | None,
+                       members: dict[str, str] | None) -> None:
+        room = self._by_key.get(key)
+        member = room.members.get(connection_id) if room is not None else None
+        if room is None or member is None or member not in room.pending:
+            return  # left meanwhile
+        if deadline is not None:
+            room.expires_at = deadline
+        if members is not None and not room.synced:
+            # Members already here are told of remote members they did not know of.
+            self._apply_snapshot(room, members,
+                                 announce=len(room.members) > len(room.pending))
+        self._welcome(member, room)
+
+    def join_refused(self, key: str, connection_id: str) -> None:
+        """The room is full on the other nodes: ROOM_FULL, close 1008, as on one node."""
+        room = self._by_key.get(key)
+        member = room.members.get(connection_id) if room is not None else None
+        if room is None or member is None or member not in room.pending:
+            return
+        self._log.info("refused a connection: room {room} is full", room=room_hash(room.room_id))
+        self._forget(member, room, messages.CLOSE_POLICY_VIOLATION)
+        self._say_goodbye(member, self.prepare(messages.error(messages.ROOM_FULL,
+                                                              messages.ROOM_FULL_MESSAGE)),
+                          messages.CLOSE_POLICY_VIOLATION, messages.ROOM_FULL_MESSAGE)
+
+    def _welcome(self, member: Member, room: Room) -> None:
+        """`connected` for the joiner, `user-joined` for the others here, then what it
+        sent while it was joining."""
+        sent = room.pending.pop(member)
+        count = room.count()
         self._log.info(
             "{connection_id} joined room {room} ({count} members)",
-            connection_id=member.connection_id, room=room_hash(room_id), count=count,
+            connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
         )
-        peers = [other for other in room.members if other != member.connection_id]
-        member.deliver(self.prepare(messages.connected(member.connection_id, room_id, count,
-                                                       peers)))
+        peers = [connection_id for connection_id, other in room.members.items()
+                 if other is not member and other not in room.pending]
+        peers.extend(room.remote)
+        self._deliver_one(member, self.prepare(messages.connected(
+            member.connection_id, room.room_id, count, peers)))
         self._fan_out(room, messages.user_joined(member.connection_id, count), member)
-        return room
+        for target, payload in sent:
+            if self._room_of.get(member) is not room:
+                break
+            if target is None:
+                self.broadcast(member, payload)
+            else:
+                self.unicast(member, target, payload)
 
     def leave(self, member: Member, close_code: int | None = None) -> None:
         """Remove `member` wherever it is; a second call for the same member does nothing.
 
         `close_code` is how its connection closed (1006 when it simply dropped).
         """
-        room = self._room_of.pop(member, None)
+        room = self._room_of.get(member)
         if room is None:
             return
-        self.closes[close_code or 1006] += 1
-        del room.members[member.connection_id]
-        self.stats.disconnectionsTotal += 1
-        count = len(room.members)
+        was_pending = member in room.pending
+        self._forget(member, room, close_code or 1006)
+        count = room.count()
         self._log.info(
             "{connection_id} left room {room} ({count} members)",
             connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
         )
-        if count:
+        if not was_pending and not room.expired:
             self._fan_out(room, messages.user_left(member.connection_id, count), None)
-        elif self.rooms.get(room.room_id) is room:
-            del self.rooms[room.room_id]
+        if not room.expired:
+            self.backplane.leave(room.key, member.connection_id)
+
+    def _forget(self, member: Member, room: Room, close_code: int) -> None:
+        """The one place a member stops being one: counted, its room deleted if empty."""
+        del self._room_of[member]
+        del room.members[member.connection_id]
+        room.pending.pop(member, None)
+        self.closes[close_code] += 1
+        self.stats.disconnectionsTotal += 1
+        if not room.members:
+            if self.rooms.get(room.room_id) is room:
+                del self.rooms[room.room_id]
+            if self._by_key.get(room.key) is room:
+                del self._by_key[room.key]
         if not self._room_of:
             emptied, self._emptied = self._emptied, []
             for waiting in emptied:
@@ -148,39 +277,56 @@ class RoomRegistry(Service):
         return self._room_of.get(member)
 
     def room_size(self, room_id: str) -> int:
+        """Members on every node, those still joining included."""
         room = self.rooms.get(room_id)
-        return len(room.members) if room is not None else 0
-
-    def cluster_status(self) -> dict[str, Any] | None:
-        """What /health and /stats add in cluster mode (iw_relay.cluster); None here."""
-        return None
+        return len(room.members) + len(room.remote) if room is not None else 0
 
     # -- relaying --------------------------------------------------------------------
 
     def broadcast(self, sender: Member, payload: bytes) -> None:
-        """Relay an accepted, stamped message to the other members of `sender`'s room."""
+        """Relay an accepted, stamped message to the other members of `sender`'s room,
+        here and, only while it has some there, on the other nodes."""
         room = self._room_of.get(sender)
         if room is None:
+            return
+        if room.pending and sender in room.pending:
+            self._hold(room, sender, None, payload)
             return
         self.stats.messagesRelayed += 1
         started = perf_counter()
         self._fan_out(room, payload, sender)
+        if room.nodes:
+            self.backplane.publish(room.key, room.nodes, payload)
         self.relay_seconds.observe(perf_counter() - started)
 
     def unicast(self, sender: Member, target: str, payload: bytes) -> bool:
         """Relay an accepted, stamped message to the one member `target` of `sender`'s
-        room; False (nothing sent, nothing counted) when there is no such other member."""
+        room (on any node); False (nothing sent, nothing counted) when there is no such
+        other member."""
         room = self._room_of.get(sender)
         if room is None:
             return True  # left meanwhile: dropped silently, as broadcast() does
         member = room.members.get(target)
-        if member is None or member is sender:
+        node = room.remote.get(target) if member is None else None
+        if member is sender or (member is None and node is None) or (
+                member is not None and member in room.pending):
             return False
+        if room.pending and sender in room.pending:
+            self._hold(room, sender, target, payload)
+            return True
         self.stats.messagesRelayed += 1
         started = perf_counter()
-        self._deliver_one(member, self.prepare(payload))
+        if member is not None:
+            self._deliver_one(member, self.prepare(payload))
+        else:
+            self.backplane.unicast(room.key, node, target, payload)
         self.relay_seconds.observe(perf_counter() - started)
         return True
+
+    def _hold(self, room: Room, sender: Member, target: str | None, payload: bytes) -> None:
+        held = room.pending[sender]
+        if len(held) < PENDING_MESSAGES:
+            held.append((target, payload))
 
     def _deliver_one(self, member: Member, frame: Any) -> None:
         try:
@@ -192,11 +338,14 @@ class RoomRegistry(Service):
                                 messages.INTERNAL_ERROR_REASON)
 
     def _fan_out(self, room: Room, payload: bytes, exclude: Member | None) -> None:
-        if len(room.members) < 2 and exclude is not None:
+        """A message or presence to every member here but `exclude` and those joining."""
+        members = room.members
+        if len(members) < 2 and exclude is not None:
             return
         frame = self.prepare(payload)
-        for member in list(room.members.values()):
-            if member is not exclude:
+        pending = room.pending
+        for member in list(members.values()):
+            if member is not exclude and not (pending and member in pending):
                 # _deliver_one inlined: this loop runs once per delivery.
                 try:
                     member.deliver(frame)
@@ -205,6 +354,87 @@ class RoomRegistry(Service):
                                       connection_id=member.connection_id)
                     self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
                                         messages.INTERNAL_ERROR_REASON)
+
+    # -- what the other nodes say (BackplaneEvents) ------------------------------------
+
+    def remote_message(self, key: str, payload: bytes) -> None:
+        room = self._by_key.get(key)
+        if room is not None and not room.expired:
+            self._fan_out(room, payload, None)
+
+    def remote_unicast(self, key: str, target: str, payload: bytes) -> None:
+        room = self._by_key.get(key)
+        member = room.members.get(target) if room is not None else None
+        if member is not None and member not in room.pending:
+            self._deliver_one(member, self.prepare(payload))
+
+    def remote_joined(self, key: str, connection_id: str, node: str) -> None:
+        room = self._by_key.get(key)
+        if room is None or room.expired:
+            return
+        if not room.synced:
+            room.early.append((True, connection_id, node))
+        elif room.add_remote(connection_id, node):
+            self._fan_out(room, messages.user_joined(connection_id, room.count()), None)
+
+    def remote_left(self, key: str, connection_id: str) -> None:
+        room = self._by_key.get(key)
+        if room is None or room.expired:
+            return
+        if not room.synced:
+            room.early.append((False, connection_id, ""))
+        elif room.drop_remote(connection_id) and room.expires_at > self.clock.seconds():
+            # (an expiring room's members get room-expired instead)
+            self._fan_out(room, messages.user_left(connection_id, room.count()), None)
+
+    def remote_expired(self, key: str) -> None:
+        room = self._by_key.get(key)
+        if room is not None and room.expires_at <= self.clock.seconds() + EXPIRY_SKEW:
+            self._expire_here(room)
+
+    def node_died(self, node: str) -> None:
+        for room in list(self._by_key.values()):
+            for connection_id in [c for c, n in room.remote.items() if n == node]:
+                room.drop_remote(connection_id)
+                if not room.expired:
+                    self._fan_out(room, messages.user_left(connection_id, room.count()), None)
+
+    def begin_sync(self) -> dict[str, tuple[float, list[str]]]:
+        rooms = {}
+        for key, room in self._by_key.items():
+            room.synced = False
+            rooms[key] = (room.expires_at, [c for c, m in room.members.items()
+                                            if m not in room.pending])
+        return rooms
+
+    def reconcile(self, key: str, deadline: float | None,
+                  members: dict[str, str]) -> list[tuple[str, str]]:
+        room = self._by_key.get(key)
+        if room is None or room.expired:
+            return []
+        if deadline is not None:
+            room.expires_at = deadline
+        return self._apply_snapshot(room, members, announce=True)
+
+    def remote_nodes(self) -> set[str]:
+        return {node for room in self._by_key.values() for node in room.nodes}
+
+    def _apply_snapshot(self, room: Room, members: dict[str, str],
+                        announce: bool) -> list[tuple[str, str]]:
+        """The store's view of the room, then the events held back while it was asked."""
+        own = self.backplane.node_id
+        stale = [(c, n) for c, n in room.remote.items() if c not in members]
+        for connection_id, node in members.items():
+            if node != own and room.add_remote(connection_id, node) and announce:
+                self._fan_out(room, messages.user_joined(connection_id, room.count()), None)
+        room.synced = True
+        early, room.early = room.early, []
+        for joined, connection_id, node in early:
+            if joined:
+                self.remote_joined(room.key, connection_id, node)
+            else:
+                self.remote_left(room.key, connection_id)
+        return [(c, n) for c, n in stale if c in room.remote]
 
     def _say_goodbye(self, member: Member, notice: Any, code: int, reason: str) -> None:
         """Deliver `notice` and close; a member that fails here harms no other member."""
@@ -240,9 +470,24 @@ class RoomRegistry(Service):
                 self.expire(room)
 
     def expire(self, room: Room) -> None:
+        """Expire here and on the other nodes (their members share the deadline)."""
+        if not room.expired:
+            self.backplane.expire(room.key)
+        self._expire_here(room)
+
+    def _expire_here(self, room: Room) -> None:
         """Tell every member, close them with 1000; the room id is free at once."""
+        if room.expired:
+            return
+        room.expired = True
+        room.remote.clear()
+        room.nodes.clear()
+        for member in list(room.pending):
+            self._welcome(member, room)  # so that it can be told the room expired
         if self.rooms.get(room.room_id) is room:
             del self.rooms[room.room_id]
+        if self._by_key.get(room.key) is room:
+            del self._by_key[room.key]
         self._log.info("room {room} expired with {count} members",
                        room=room_hash(room.room_id), count=len(room.members))
         text = messages.expiry_text(self.config.room_expiry)
@@ -256,10 +501,16 @@ class RoomRegistry(Service):
         super().startService()
         self.stopping = False
         self._sweeper.start(self.config.cleanup_interval, now=False)
+        self.backplane.start()
 
     def stopService(self) -> Deferred[None]:
+        """Say goodbye to every member (their leaves reach the other nodes), then leave
+        the backplane."""
         super().stopService()
-        return self.shut_down()
+        stopped: Deferred[None] = Deferred()
+        self.shut_down().addBoth(lambda _: maybeDeferred(self.backplane.stop)).addBoth(
+            lambda _: stopped.callback(None))
+        return stopped
 
     def shut_down(self) -> Deferred[None]:
         """Say goodbye to every member; fires when they are all gone or time is up.

@@ -14,6 +14,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from iw_relay.backplane.base import Backplane
+from iw_relay.backplane.local import LocalBackplane
 from iw_relay.config import RelayConfig
 from iw_relay.demo import DemoResource
 from iw_relay.ice import IceServersResource, ice_enabled
@@ -49,6 +51,15 @@ def optional_pages(config: RelayConfig, wall_clock: Callable[[], float]) -> dict
     return pages
 
 
+def make_backplane(config: RelayConfig, clock: IReactorTime, reactor: object) -> Backplane:
+    """How this node reaches the others: through Redis with --redis, else nobody."""
+    if config.redis:
+        from iw_relay.backplane.redis import redis_backplane
+
+        return redis_backplane(config, clock, reactor)
+    return LocalBackplane()
+
+
 class RelayService(MultiService):
     """Adopt it with `setServiceParent(application)`, or mount `.resource` in a Site.
 
@@ -68,13 +79,8 @@ class RelayService(MultiService):
             from twisted.internet import reactor
         clock = clock if clock is not None else reactor
         self.config = config
-        if config.redis:
-            from iw_relay.cluster import ClusterRegistry
-
-            self.registry: RoomRegistry = ClusterRegistry(config, clock, prepare_frame,
-                                                          wall_clock, reactor=reactor)
-        else:
-            self.registry = RoomRegistry(config, clock, prepare_frame, wall_clock)
+        self.registry = RoomRegistry(config, clock, prepare_frame, wall_clock,
+                                     backplane=make_backplane(config, clock, reactor))
         self.registry.setServiceParent(self)
         self.factory = RelayServerFactory(self.registry, config, clock, wall_clock)
         self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock,

@@ -65,9 +65,9 @@ class HealthResource(Resource):
         registry = self._registry
         now = datetime.fromtimestamp(self._wall_clock(), UTC)
         used, total = memory_megabytes()
-        cluster = registry.cluster_status()
+        cluster = registry.backplane.status()
         status = "draining" if registry.stopping else "healthy"
-        if cluster is not None and cluster["redis"] != "connected" and not registry.stopping:
+        if cluster is not None and not cluster["connected"] and not registry.stopping:
             status = "degraded"  # a load balancer should send new clients to another node
         if status != "healthy":
             request.setResponseCode(503)
@@ -110,7 +110,7 @@ class StatsResource(Resource):
             "uptime": uptime,
             "uptimeFormatted": format_uptime(uptime),
         }
-        cluster = registry.cluster_status()
+        cluster = registry.backplane.status()
         if cluster is not None:
             body["cluster"] = cluster
         return _json_response(request, body)

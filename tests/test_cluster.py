@@ -1,4 +1,5 @@
-"""Cluster mode in one process: several ClusterRegistry nodes on one real redis-server.
+"""Cluster mode in one process: several RoomRegistry nodes over the Redis backplane, on
+one real redis-server.
 
 Members are fakes and each node's time is a Clock (expiry, heartbeats); only the bytes to
 and from Redis go over real loopback sockets, waited for by bounded polling.
@@ -7,6 +8,8 @@ and from Redis go over real loopback sockets, waited for by bounded polling.
 from __future__ import annotations
 
 import json
+import re
+import socket
 
 import pytest
 import pytest_twisted
@@ -14,54 +17,50 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
 
-from iw_relay.cluster import ClusterRegistry, cluster_hash
+from iw_relay.backplane.local import LocalBackplane
+from iw_relay.backplane.redis import redis_backplane
 from iw_relay.config import RelayConfig
 from iw_relay.registry import RoomRegistry
+from iw_relay.registry import room_key as cluster_hash
 from iw_relay.service import RelayService
 from iw_relay.tap import Options
+from tests.members import Member, h
 from tests.redis_process import redis_server  # noqa: F401 - a fixture
 from tests.test_twistd import until
 
 
-class Member:
-    """A fake member; closing it leaves its registry, as a closed WebSocket does."""
-
-    def __init__(self, registry: ClusterRegistry, connection_id: str) -> None:
-        self.registry = registry
-        self.connection_id = connection_id
-        self.delivered: list[dict] = []
-        self.closed_with: tuple[int, str] | None = None
-
-    def deliver(self, frame: bytes) -> None:
-        self.delivered.append(json.loads(frame))
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-        self.registry.leave(self, code)
-
-    def of(self, kind: str) -> list[dict]:
-        return [m for m in self.delivered if m["type"] == kind]
-
-    def presence(self) -> list[tuple[str, str, int]]:
-        return [(m["type"], m["connectionId"], m["userCount"]) for m in self.delivered
-                if m["type"] in ("connected", "user-joined", "user-left")]
+def publish_count(server) -> int:
+    """PUBLISH commands Redis has run, from INFO commandstats (scripts' own not counted)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as conn:
+        conn.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data[-8:] and (chunk := conn.recv(65536)):
+            data += chunk
+            if data.startswith(b"$") and len(data.split(b"\r\n", 1)[-1]) >= int(
+                    data[1:data.index(b"\r\n")]):
+                break
+    found = re.search(rb"cmdstat_publish:calls=(\d+)", data)
+    return int(found.group(1)) if found else 0
 
 
 class Cluster:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.nodes: list[ClusterRegistry] = []
+        self.nodes: list[RoomRegistry] = []
 
-    def node(self, **settings: object) -> ClusterRegistry:
+    def node(self, **settings: object) -> RoomRegistry:
         config = RelayConfig(redis=self.url, **{"room_expiry": 100, "cleanup_interval": 10,
                                                 "node_heartbeat": 1.0, **settings})
-        node = ClusterRegistry(config, Clock())
+        clock = Clock()
+        node = RoomRegistry(config, clock,
+                            backplane=redis_backplane(config, clock, reactor))
         node.startService()
         self.nodes.append(node)
         return node
 
-    async def connected(self, *nodes: ClusterRegistry) -> None:
-        await until(lambda: all(n.state == "connected" for n in nodes or self.nodes),
+    async def connected(self, *nodes: RoomRegistry) -> None:
+        await until(lambda: all(n.backplane.state == "connected"
+                                for n in nodes or self.nodes),
                     "every node connected to Redis")
 
     def stop(self) -> None:
@@ -110,13 +109,14 @@ async def test_members_on_two_nodes_share_a_room(cluster):
     assert a1.of("op") == [{"type": "op", "from": "b1", "connectionId": "b1"}]
     assert other.of("op") == []
     assert a.stats.messagesRelayed == 50 and b.stats.messagesRelayed == 1
-    assert a.cluster_stats.messagesFromOtherNodes == 1
+    assert a.backplane.stats.messagesFromOtherNodes == 1
 
     b.leave(b2, 1000)
     await until(lambda: ("user-left", "b2", 2) in a1.presence(), "a1 told b2 left")
     assert b1.presence()[-1] == ("user-left", "b2", 2)
     # Nothing was received twice (exactly once, own echoes dropped).
-    await until(lambda: a.backplane.in_flight == 0 and b.backplane.in_flight == 0, "quiet")
+    await until(lambda: a.backplane.store.in_flight == b.backplane.store.in_flight == 0,
+                "quiet")
     assert len(a1.of("op")) == 1 and len(b1.of("op")) == 50
     assert (a.stats.connectionsTotal, a.stats.disconnectionsTotal) == (2, 0)
     assert (b.stats.connectionsTotal, b.stats.disconnectionsTotal) == (2, 1)
@@ -172,8 +172,8 @@ async def test_a_dead_node_s_members_leave_within_three_heartbeats(cluster):
     a1 = await joined(Member(a, "a1"), "room")
     await joined(Member(b, "b1"), "room")
     await until(lambda: ("user-joined", "b1", 2) in a1.presence(), "a1 sees b1")
-    b._heartbeat.stop()
-    await b.backplane.stop()  # as if killed: no leave, no goodbye; its key expires
+    b.backplane._heartbeat.stop()
+    await b.backplane.store.disconnect()  # as if killed: no leave, no goodbye; its key expires
     b.running = False  # nothing left to stop
     a.clock.advance(1)  # A has been connected long enough to judge others
 
@@ -182,7 +182,7 @@ async def test_a_dead_node_s_members_leave_within_three_heartbeats(cluster):
         return ("user-left", "b1", 1) in a1.presence()
 
     await until(told, "a1 told that b1 left with its dead node", timeout=5)
-    assert a.cluster_stats.deadNodesSeen == 1
+    assert a.backplane.stats.deadNodesSeen == 1
     late = await joined(Member(a, "a2"), "room")
     assert late.presence() == [("connected", "a2", 2)]
 
@@ -199,11 +199,12 @@ async def test_redis_restart_local_relaying_goes_on_then_presence_is_repaired(
     await until(lambda: len(a1.presence()) == 4, "a1 sees everyone")
 
     redis_server.kill()
-    await until(lambda: a.state == b.state == "disconnected", "both nodes see the outage")
-    assert a.cluster_status()["redis"] == "disconnected"
+    await until(lambda: a.backplane.state == b.backplane.state == "disconnected",
+                "both nodes see the outage")
+    assert a.backplane.status()["redis"] == "disconnected"
     a.broadcast(a1, b'{"type":"op","n":1}')
     assert a2.of("op") == [{"type": "op", "n": 1}]  # local relaying goes on
-    assert a.cluster_stats.crossNodeDropped == 1
+    assert a.backplane.stats.crossNodeDropped == 1
     b.leave(b2, 1000)  # leaves during the outage
     assert b1.presence()[-1] == ("user-left", "b2", 3)
     a3 = Member(a, "a3")
@@ -220,7 +221,7 @@ async def test_redis_restart_local_relaying_goes_on_then_presence_is_repaired(
     b.broadcast(b1, b'{"type":"op","n":2}')
     await until(lambda: all(m.of("op")[-1:] == [{"type": "op", "n": 2}]
                             for m in (a1, a2, a3)), "relaying across nodes again")
-    assert a.cluster_stats.redisReconnects == 2
+    assert a.backplane.stats.redisReconnects == 1  # the first connection is not one
 
 
 @pytest_twisted.ensureDeferred
@@ -231,25 +232,27 @@ async def test_a_stalled_redis_cannot_stall_local_relaying(cluster, redis_server
     a1 = await joined(Member(a, "a1"), "room")
     a2 = await joined(Member(a, "a2"), "room")
     b1 = await joined(Member(b, "b1"), "room")
+    await until(lambda: a.rooms["room"].nodes, "a knows b1")
     redis_server.pause()
     try:
-        for n in range(20):
+        for n in range(20):  # twenty reactor turns: one PUBLISH each, none answered
             a.broadcast(a1, json.dumps({"type": "op", "n": n}).encode())
+            await deferLater(reactor, 0, lambda: None)
         assert [m["n"] for m in a2.of("op")] == list(range(20))  # at once, all of them
-        assert a.backplane.in_flight == 5
-        assert a.cluster_stats.crossNodeDropped == 15
+        assert a.backplane.store.in_flight == 5
+        assert a.backplane.stats.crossNodeDropped == 15
     finally:
         redis_server.resume()
     await until(lambda: len(b1.of("op")) == 5, "the queued five reach the other node")
     assert [m["n"] for m in b1.of("op")] == list(range(5))
 
 
-def test_the_embedded_registry_stays_the_default():
-    assert type(RelayService(RelayConfig(), listen=False).registry) is RoomRegistry
+def test_the_single_node_backplane_stays_the_default():
+    registry = RelayService(RelayConfig(), listen=False).registry
+    assert type(registry.backplane) is LocalBackplane and registry.backplane.status() is None
     service = RelayService(RelayConfig(redis="redis://127.0.0.1:1/0"), listen=False)
-    assert isinstance(service.registry, ClusterRegistry)
-    assert service.registry.cluster_status()["redis"] == "disconnected"
-    assert RoomRegistry(RelayConfig(), Clock()).cluster_status() is None
+    assert service.registry.backplane.status()["redis"] == "disconnected"
+    assert RoomRegistry(RelayConfig(), Clock()).backplane.status() is None
 
 
 def test_cluster_options_from_the_command_line_and_the_environment():
@@ -287,12 +290,12 @@ async def test_health_stats_and_metrics_tell_whether_the_node_reaches_redis(
                if m.samples}
     assert metrics["iwrelay_redis_connected"] == 1
     redis_server.kill()
-    await until(lambda: node.state == "disconnected", "the node sees the outage")
+    await until(lambda: node.backplane.state == "disconnected", "the node sees the outage")
     code, health = await get("/health")
     assert (code, health["status"], health["redis"]) == (503, "degraded", "disconnected")
     code, stats = await get("/stats")
     assert code == 200 and stats["cluster"]["redis"] == "disconnected"
-    assert stats["cluster"]["node"] == node.node_id
+    assert stats["cluster"]["node"] == node.backplane.node_id
     metrics = {m.name: m.samples[0].value for m in RelayCollector(node).collect()
                if m.samples}
     assert metrics["iwrelay_redis_connected"] == 0
@@ -308,42 +311,53 @@ async def test_a_node_found_dead_while_alive_writes_its_members_back(
     await joined(Member(b, "b1"), "room")
     await until(lambda: ("user-joined", "b1", 2) in a1.presence(), "a1 sees b1")
     # B stalls past its heartbeat's expiry (its key is gone): A finds it dead.
-    assert redis_server.command("DEL", f"iwrelay:n:{b.node_id}") == ":1"
+    assert redis_server.command("DEL", f"iwrelay:n:{b.backplane.node_id}") == ":1"
     a.clock.advance(3)
     await until(lambda: ("user-left", "b1", 1) in a1.presence(), "a1 told b1 left")
     # B's next heartbeat finds its key gone and writes its members back.
     b.clock.advance(1)
     await until(lambda: a1.presence()[-1] == ("user-joined", "b1", 2), "b1 is back")
-    assert b.state == "connected"
+    assert b.backplane.state == "connected"
     await until(lambda: redis_server.command(
         "HLEN", f"iwrelay:m:{cluster_hash('room')}") == ":2", "both in Redis again")
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_message_for_a_member_still_joining_is_kept_until_its_connected(cluster):
+async def test_what_arrives_from_redis_is_checked_before_anyone_gets_it(
+        cluster, redis_server):  # noqa: F811
     a = cluster.node()
     await cluster.connected()
-    other_node = b"f" * 16
-    joining = Member(a, "j1")
-    a.join(joining, "room")  # Redis has not answered yet: the member is pending
+    a1 = await joined(Member(a, "a1"), "room")
+    a2 = await joined(Member(a, "a2"), "room")
+    inbox = f"iwrelay:i:{a.backplane.node_id}"
     key = cluster_hash("room")
-    a._received(key, b"m" + other_node + b'{"type":"op","n":1}')
-    a._received(key, b"j" + other_node + b"x1")  # presence before the snapshot: kept back
-    assert joining.delivered == []
-    await until(lambda: joining.delivered, "connected")
-    assert joining.delivered[:2] == [
-        {"type": "connected", "connectionId": "j1", "roomId": "room", "userCount": 2,
-         "peers": ["x1"]},
-        {"type": "op", "n": 1}]
-    assert a.rooms["room"].remote == {"x1": "f" * 16}
-    a._received(key, b"m" + a.node_id.encode() + b'{"type":"op","n":2}')  # own echo
-    a._received(key, b"l" + other_node + b"x1")
-    assert joining.delivered[2:] == [{"type": "user-left", "connectionId": "x1",
-                                      "userCount": 1}]
+    for junk in ("hello", f"1{'f' * 16}m{key}0:", f"1{'f' * 16}m{key}3:abc",
+                 f"1{'f' * 16}jx{key}", f"1{'f' * 16}j{key}PHANTOM-MEMBER!!"):
+        assert redis_server.command("PUBLISH", inbox, junk) == ":1"
+    await until(lambda: a.backplane.stats.badEnvelopes == 5, "five dropped")
+    assert len(a1.delivered) == 2 and len(a2.delivered) == 1
+    a3 = await joined(Member(a, "a3"), "room")
+    assert a3.of("connected")[0]["peers"] == ["a1", "a2"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_unicast_reaches_its_target_on_another_node_only(cluster):
+async def test_max_room_size_holds_across_nodes(cluster):
+    a, b = cluster.node(max_room_size=2), cluster.node(max_room_size=2)
+    await cluster.connected()
+    await joined(Member(a, "a1"), "room")
+    b1, b2 = Member(b, "b1"), Member(b, "b2")
+    b.join(b1, "room")
+    b.join(b2, "room")  # back to back: B itself has not heard of any other member
+    await until(lambda: b2.closed_with is not None, "b2 refused")
+    assert b2.delivered == [{"type": "error", "message": "Room is full",
+                             "code": "ROOM_FULL"}]
+    assert b2.closed_with == (1008, "Room is full")
+    assert b1.presence() == [("connected", "b1", 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unicast_reaches_its_target_on_another_node_only(
+        cluster, redis_server):  # noqa: F811
     a, b, c = cluster.node(), cluster.node(), cluster.node()
     await cluster.connected()
     a1 = await joined(Member(a, "a1"), "room")
@@ -358,10 +372,12 @@ async def test_unicast_reaches_its_target_on_another_node_only(cluster):
     assert c1.of("connected")[0]["userCount"] == 5
     await until(lambda: len(a.rooms["room"].remote) == 3, "a knows c1")
 
+    await until(lambda: all(node.backplane.store.in_flight == 0 for node in (a, b, c)), "idle")
+    publishes = publish_count(redis_server)
     for n in range(20):
         a.broadcast(a1, json.dumps({"type": "op", "n": n}).encode())
-        assert a.unicast(a1, "b1", json.dumps({"type": "candidate", "n": n}).encode())
-    assert a.unicast(a1, "a2", b'{"type":"offer","local":true}')  # same node: no Redis
+        assert a.unicast(a1, h("b1"), json.dumps({"type": "candidate", "n": n}).encode())
+    assert a.unicast(a1, h("a2"), b'{"type":"offer","local":true}')  # same node: no Redis
     assert a2.of("offer") == [{"type": "offer", "local": True}]
     await until(lambda: len(b1.of("op")) == 20 and len(c1.of("op")) == 20
                 and len(b2.of("op")) == 20, "broadcasts everywhere")
@@ -369,19 +385,41 @@ async def test_unicast_reaches_its_target_on_another_node_only(cluster):
     # In the sender's order, interleaved with its broadcasts.
     assert [(m["type"], m["n"]) for m in b1.delivered if "n" in m] == [
         (kind, n) for n in range(20) for kind in ("op", "candidate")]
-    await until(lambda: all(node.backplane.in_flight == 0 for node in (a, b, c)), "quiet")
+    await until(lambda: all(node.backplane.store.in_flight == 0 for node in (a, b, c)), "quiet")
     assert b2.of("candidate") == c1.of("candidate") == a2.of("candidate") == []
     assert a1.of("candidate") == [] and b2.of("offer") == c1.of("offer") == []
     assert a.stats.messagesRelayed == 41
-    assert b.cluster_stats.messagesFromOtherNodes == 40  # 20 broadcasts, 20 unicasts
-    assert c.cluster_stats.messagesFromOtherNodes == 20  # the broadcasts only
+    assert b.backplane.stats.messagesFromOtherNodes == 40  # 20 broadcasts, 20 unicasts
+    # Batched: one PUBLISH per destination node per reactor turn, however many messages.
+    assert publish_count(redis_server) - publishes == 2
+    assert c.backplane.stats.messagesFromOtherNodes == 20  # the broadcasts only
 
     # Unknown: nobody, a member of another room, the sender itself, one who left.
     d1 = await joined(Member(b, "d1"), "other")
-    for target in ("nobody", "d1", "a1"):
+    for target in ("nobody", h("d1"), h("a1")):
         assert a.unicast(a1, target, b'{"type":"offer"}') is False
     b.leave(b2, 1000)
-    await until(lambda: "b2" not in a.rooms["room"].remote, "a told b2 left")
-    assert a.unicast(a1, "b2", b'{"type":"offer"}') is False
+    await until(lambda: h("b2") not in a.rooms["room"].remote, "a told b2 left")
+    assert a.unicast(a1, h("b2"), b'{"type":"offer"}') is False
     assert a.stats.messagesRelayed == 41
     assert d1.of("offer") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_failing_a_presence_delivery_is_closed_as_on_one_node(
+        cluster, logged_failures):
+    a, b = cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    told = a1.deliver
+
+    def refuse_presence(frame: bytes) -> None:
+        if b"user-joined" in bytes(frame):
+            raise RuntimeError("socket gone")
+        told(frame)
+
+    a1.deliver = refuse_presence
+    await joined(Member(b, "b1"), "room")  # a1 hears of it through Redis, and fails
+    await until(lambda: a1.closed_with is not None, "a1 closed")
+    assert a1.closed_with == (1011, "Internal server error")
+    assert len(logged_failures.take()) == 1

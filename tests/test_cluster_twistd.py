@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from tests.clients import RelayClient, join
+from tests.clients import RelayClient, connect, join
 from tests.redis_process import redis_server  # noqa: F401 - a fixture
 from tests.test_twistd import (
     LOOPBACK,
@@ -130,6 +131,9 @@ async def test_three_nodes_behave_as_one(spawn, redis_server):  # noqa: F811
     assert [s["messagesRelayed"] for s in counted] == [30, 0, 1]
     assert [s["currentConnections"] for s in counted] == [2, 2, 1]  # this node's own
     assert all(s["cluster"]["redis"] == "connected" for s in counted)
+    # The first connection is not a reconnection, and no outage is reported after it.
+    assert [s["cluster"]["redisReconnects"] for s in counted] == [0, 0, 0]
+    assert not any("could not reach the other nodes" in node.stdout for node in nodes)
     assert not any(m.messages_of("error") for m in (*members[:1], *members[2:], lonely))
     assert ops(lonely) == []
 
@@ -267,3 +271,25 @@ async def test_webrtc_signaling_across_two_nodes(spawn, redis_server):  # noqa: 
     assert a1.messages_of("error")[0]["code"] == "UNKNOWN_PEER"
     await stop_relay(node_a, [a1])
     await stop_relay(node_b, [b1, b2])
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_room_size_holds_across_nodes(spawn, redis_server):  # noqa: F811
+    """Two joins back to back on a second node cannot overfill a room capped at 2."""
+    node_a, node_b = await start_nodes(spawn, redis_server.url, 2, "--max-room-size", "2")
+    a1 = await join(reactor, node_a.port, "capped")
+    b1, b2 = await gatherResults([
+        Deferred.fromCoroutine(connect(reactor, node_b.port, "/room/capped")),
+        Deferred.fromCoroutine(connect(reactor, node_b.port, "/room/capped"))])
+    await within(b1.wait_for(1))
+    await within(b2.wait_for(1))
+    kinds = sorted(client.received[0]["type"] for client in (b1, b2))
+    assert kinds == ["connected", "error"]
+    refused = b1 if b1.received[0]["type"] == "error" else b2
+    assert refused.received[0]["code"] == "ROOM_FULL"
+    assert await within(refused.closed) == (1008, "Room is full")
+    await until(lambda: len(a1.received) == 2, "a1 told of the one who got in")
+    assert [m["userCount"] for m in a1.received] == [1, 2]
+    stopped = [await stop_relay(node_a, [a1]),
+               await stop_relay(node_b, [c for c in (b1, b2) if c is not refused])]
+    assert stopped == [0, 0]

@@ -1,0 +1,285 @@
+"""The Redis backplane (``--redis URL``): nodes share rooms through one Redis.
+
+Each node keeps two connections (txredisapi, replies parsed by hiredis): one for
+commands, one subscribed to the node's own inbox channel. Presence goes through Lua
+scripts (package data files in ``lua/``) that change the room's member hash and tell the
+nodes concerned in one atomic step; relayed messages are published straight to the inbox
+of each node that has members of the room, batched per turn (see `shared`).
+
+Key layout (every key expires on its own; no room id, no message body is stored):
+
+- ``iwrelay:r:{h}``    the room's deadline, set by the first join anywhere;
+- ``iwrelay:m:{h}``    hash: connection id -> node id, the room's members on every node;
+- ``iwrelay:n:{node}`` a node's heartbeat, PX = three heartbeats;
+- ``iwrelay:nr:{node}`` set of the room hashes a node has had members in (for the reaper);
+- ``iwrelay:nodes:all`` set of node ids, so that exactly one survivor reaps a dead node;
+- channel ``iwrelay:i:{node}``: the node's inbox.
+
+``h`` is `iw_relay.registry.room_key` (SHA-256 of the room id, 128 bits). The reaper walks
+a dead node's rooms, keys it is not handed, so Redis Cluster is not supported.
+"""
+
+from __future__ import annotations
+
+import secrets
+from importlib.resources import files
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from iw_relay.backplane.shared import (
+    HEARTBEATS_TO_DEATH,
+    SharedBackplane,
+    StoreLink,
+    StoreUnreachableError,
+)
+from iw_relay.config import RelayConfig
+
+PREFIX = "iwrelay:"
+INBOX = PREFIX + "i:"
+
+
+def _script(name: str) -> str:
+    return files("iw_relay.backplane").joinpath("lua", f"{name}.lua").read_text()
+
+
+SCRIPTS = {name: _script(name)
+           for name in ("join", "leave", "expire", "sync", "heartbeat", "reap")}
+
+
+def _key(kind: str, name: str) -> str:
+    return f"{PREFIX}{kind}:{name}"
+
+
+def redis_settings(url: str) -> dict[str, Any]:
+    """Where and how to connect, from a URL that config.parse_redis_url accepted."""
+    parts = urlsplit(url)
+    db = parts.path.strip("/")
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 6379,
+        "dbid": int(db) if db else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "username": unquote(parts.username) if parts.username else None,
+    }
+
+
+class _Commands(txredisapi.RedisProtocol):
+    def connectionLost(self, why: object) -> None:
+        super().connectionLost(why)
+        self.factory.store._lost(self)
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern: object, channel: bytes, message: bytes) -> None:
+        self.factory.store._received(message)
+
+    def connectionLost(self, why: object) -> None:
+        super().connectionLost(why)
+        self.factory.store._lost(self)
+
+
+class _RedisFactory(Factory):
+    """Builds txredisapi protocols (bytes in and out) for one of the store's links."""
+
+    isLazy = True
+    noisy = False
+
+    def __init__(self, store: RedisStore, protocol_class: type,
+                 reply_timeout: float | None) -> None:
+        self.store = store
+        self.protocol_class = protocol_class
+        self.reply_timeout = reply_timeout
+
+    def buildProtocol(self, addr: object) -> txredisapi.BaseRedisProtocol:
+        settings = self.store.settings
+        protocol = self.protocol_class(
+            charset=None, convertNumbers=False, replyTimeout=self.reply_timeout,
+            password=settings["password"], dbid=settings["dbid"],
+            username=settings["username"],
+        )
+        protocol.factory = self
+        return protocol
+
+    # txredisapi calls these when AUTH or SELECT fails: the connection is dropped and
+    # retried with backoff, so an operator sees the error repeated in the log.
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, why: str) -> None:
+        self.store._log.error("Redis refused the connection: {why}", why=why)
+
+
+class RedisStore:
+    """Two links to Redis (commands, and the inbox subscription), reconnected with
+    backoff; `in_flight` counts the commands awaiting a reply."""
+
+    _log = Logger()
+
+    def __init__(self, url: str, reactor: Any, reply_timeout: float) -> None:
+        self.settings = redis_settings(url)
+        self.commands: _Commands | None = None
+        self.subscriber: _Subscriber | None = None
+        self.in_flight = 0
+        self._node = ""
+        self._link: StoreLink | None = None
+        endpoint = TCP4ClientEndpoint(reactor, self.settings["host"], self.settings["port"],
+                                      timeout=5)
+        policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0)
+        self._services = [
+            ClientService(endpoint, _RedisFactory(self, _Commands, reply_timeout),
+                          retryPolicy=policy, clock=reactor, prepareConnection=self._ready),
+            ClientService(endpoint, _RedisFactory(self, _Subscriber, None),
+                          retryPolicy=policy, clock=reactor, prepareConnection=self._ready),
+        ]
+
+    @property
+    def usable(self) -> bool:
+        return self.commands is not None and self.subscriber is not None
+
+    # -- links --------------------------------------------------------------------------
+
+    def connect(self, node: str, link: StoreLink) -> None:
+        self._node, self._link = node, link
+        for service in self._services:
+            service.startService()
+
+    def disconnect(self) -> Deferred[Any]:
+        return gatherResults([service.stopService() for service in self._services],
+                             consumeErrors=True)
+
+    def abort(self) -> None:
+        for protocol in (self.commands, self.subscriber):
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    def _ready(self, protocol: txredisapi.BaseRedisProtocol) -> Deferred[Any]:
+        """ClientService's prepareConnection: usable once AUTH and SELECT are done (and,
+        for the subscriber, once it listens to the inbox)."""
+        # (`protocol` is ClientService's proxy; whenConnected gives the protocol itself.)
+        return protocol.whenConnected().addCallback(self._listen).addCallback(self._usable)
+
+    def _listen(self, protocol: txredisapi.BaseRedisProtocol) -> Any:
+        if not isinstance(protocol, _Subscriber):
+            return protocol
+        return protocol.subscribe(INBOX + self._node).addCallback(lambda _: protocol)
+
+    def _usable(self, protocol: txredisapi.BaseRedisProtocol) -> None:
+        if not protocol.connected:
+            return
+        if isinstance(protocol, _Subscriber):
+            self.subscriber = protocol
+        else:
+            self.commands = protocol
+            self.in_flight = 0
+        if self.usable:
+            self._link.linked()
+
+    def _lost(self, protocol: object) -> None:
+        was_usable = self.usable
+        if protocol is self.commands:
+            self.commands = None
+        elif protocol is self.subscriber:
+            self.subscriber = None
+        else:
+            return
+        if was_usable:
+            self._link.unlinked()
+
+    def _received(self, message: bytes) -> None:
+        try:
+            self._link.received(message)
+        except Exception:
+            self._log.failure("handling a message from Redis failed")
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _commands(self) -> _Commands:
+        commands = self.commands
+        if commands is None:
+            raise StoreUnreachableError("Redis is not connected")
+        return commands
+
+    def _sent(self, commands: _Commands, done: Deferred[Any]) -> Deferred[Any]:
+        self.in_flight += 1
+        return done.addBoth(self._answered, commands)
+
+    def _answered(self, result: Any, commands: object) -> Any:
+        if commands is self.commands:
+            self.in_flight -= 1
+        return result
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        """EVAL (txredisapi sends EVALSHA once the script is known)."""
+        commands = self._commands()
+        return self._sent(commands, commands.eval(SCRIPTS[script], keys, args))
+
+    def publish(self, node: str, envelope: bytes) -> Deferred[Any]:
+        commands = self._commands()
+        try:
+            done = commands.publish(INBOX + node, envelope)
+        except txredisapi.ConnectionError as problem:
+            raise StoreUnreachableError(str(problem)) from None
+        return self._sent(commands, done)
+
+    def join(self, node: str, key: str, connection_id: str, deadline: float, ttl_ms: int,
+             max_size: int) -> Deferred[Any]:
+        return self._run("join", [_key("r", key), _key("m", key), _key("nr", node)],
+                         [node, connection_id, repr(deadline), ttl_ms, ttl_ms, key,
+                          max_size, INBOX])
+
+    def leave(self, node: str, key: str, connection_id: str) -> Deferred[Any]:
+        return self._run("leave", [_key("r", key), _key("m", key)],
+                         [node, connection_id, key, INBOX])
+
+    def expire(self, node: str, key: str) -> Deferred[Any]:
+        return self._run("expire", [_key("r", key), _key("m", key)], [node, key, INBOX])
+
+    async def _sync(self, node: str, key: str, deadline: float, ttl_ms: int,
+                    departed: list[str], present: list[str]
+                    ) -> tuple[float | None, dict[str, str]]:
+        found, flat = await self._run(
+            "sync", [_key("r", key), _key("m", key), _key("nr", node)],
+            [node, repr(deadline), ttl_ms, ttl_ms, key, INBOX, len(departed), *departed,
+             *present])
+        members = {c.decode(): n.decode() for c, n in zip(flat[::2], flat[1::2], strict=True)}
+        return (float(found) if found else None), members
+
+    def sync(self, node: str, key: str, deadline: float, ttl_ms: int, departed: list[str],
+             present: list[str]) -> Deferred[tuple[float | None, dict[str, str]]]:
+        return Deferred.fromCoroutine(self._sync(node, key, deadline, ttl_ms, departed,
+                                                 present))
+
+    def heartbeat(self, node: str, ttl_ms: int) -> Deferred[bool]:
+        return self._run("heartbeat", [_key("n", node), _key("nodes", "all")],
+                         [node, ttl_ms, ttl_ms * 20]).addCallback(bool)
+
+    def alive(self, nodes: list[str]) -> Deferred[list[bool]]:
+        commands = self._commands()
+        return self._sent(commands, commands.mget([_key("n", n) for n in nodes])).addCallback(
+            lambda beats: [bool(beat) for beat in beats])
+
+    def reap(self, node: str) -> Deferred[Any]:
+        return self._run("reap", [_key("nodes", "all")], [PREFIX, node])
+
+    def forget(self, node: str) -> Deferred[Any]:
+        commands = self._commands()
+        return self._sent(commands, commands.delete(_key("n", node)))
+
+
+def redis_backplane(config: RelayConfig, clock: IReactorTime, reactor: Any,
+                    node_id: str | None = None) -> SharedBackplane:
+    """The backplane for ``--redis``: a `SharedBackplane` over a `RedisStore`."""
+    dead_after = config.node_heartbeat * HEARTBEATS_TO_DEATH
+    node_id = node_id or secrets.token_hex(8)
+    return SharedBackplane(
+        RedisStore(config.redis, reactor, reply_timeout=dead_after), node_id, clock,
+        reactor, heartbeat=config.node_heartbeat, queue_size=config.redis_queue_size,
+        max_payload=config.max_message_size, room_expiry=config.room_expiry, name="redis")
