@@ -207,6 +207,11 @@ class RelayConfig:
     turn_ttl: float = 3600.0
     #: Serve the WebRTC demo page at /demo (iw_relay.demo).
     demo: bool = False
+    #: Connection recovery (iw_relay.recovery): how long a dropped member may resume;
+    #: 0 is off (today's wire protocol exactly). Per-room history bounds.
+    recovery_window: float = 0.0
+    recovery_max_messages: int = 1000
+    recovery_max_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -217,6 +222,10 @@ class RelayConfig:
                 raise ValueError(f"{name} must be longer than zero")
         if self.ping_interval < 0:
             raise ValueError("ping_interval must not be negative")
+        if self.recovery_window < 0:
+            raise ValueError("recovery_window must not be negative")
+        if min(self.recovery_max_messages, self.recovery_max_bytes) < 1:
+            raise ValueError("recovery_max_messages and recovery_max_bytes must be >= 1")
         if min(self.rate_limit, self.max_message_size, self.max_send_buffer,
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "
@@ -262,6 +271,9 @@ OPTION_PARSERS = {
     "turn-secret": ("turn_secret", _secret),
     "turn-secret-file": ("turn_secret", read_secret_file),
     "turn-ttl": ("turn_ttl", _positive_duration),
+    "recovery-window": ("recovery_window", parse_duration),
+    "recovery-max-messages": ("recovery_max_messages", parse_positive_int),
+    "recovery-max-bytes": ("recovery_max_bytes", _positive_size),
 }
 
 # Repeatable options: option name -> (RelayConfig field, parser of one value). In the

@@ -73,6 +73,12 @@ _HELP = {
     "turn-secret-file": "File holding the TURN REST API shared secret [default: off].",
     "turn-ttl": "Lifetime of the TURN credentials /ice-servers hands out [default: 1h].",
     "demo": "Serve the WebRTC demo page at /demo [default: off].",
+    "recovery-window": "Connection recovery: how long a dropped member may resume "
+    "(?resume=) with nothing missed and no user-left for its peers [default: 0, off].",
+    "recovery-max-messages": "Connection recovery: messages kept per room "
+    "[default: 1000].",
+    "recovery-max-bytes": "Connection recovery: bytes of messages kept per room "
+    "[default: 1MiB].",
 }
 
 
