@@ -9,7 +9,8 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["iw_relay", "iw_relay.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/iwrelay.py"], "iw_relay.demo": ["*.html"]},
+    package_data={"twisted": ["plugins/iwrelay.py"], "iw_relay.demo": ["*.html"],
+                  "iw_relay.static": ["*.js"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "pyjwt>=2.8",
