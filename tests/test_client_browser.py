@@ -355,3 +355,218 @@ def test_reconnect_backoff_grows_with_jitter_and_is_capped(world):
     attempts = made[-1] - made[0]
     assert 3 <= attempts <= 7, made  # 125-250, 250-500, 500-1000, 1-2 s, 2-4 s ...
     page.evaluate("window.socket.close()")
+
+
+# -- the resume path, against tests/recovery_relay.py (a relay with recovery on) -------
+
+
+class RecoveringRelay:
+    """tests/recovery_relay.py in a subprocess: rooms with iw_relay.recovery wired in."""
+
+    def __init__(self, window: float, overlap: int = 0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.recovery_relay", str(window), str(overlap)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=CHECKOUT, env=relay_environment(), text=True)
+        line = self.process.stdout.readline()
+        found = re.match(r"listening on (\d+) stats (\d+)", line)
+        if not found:
+            self.stop()
+            raise AssertionError(f"the recovering relay did not start: {line!r}")
+        self.port, self.stats_port = int(found.group(1)), int(found.group(2))
+
+    def stats(self) -> dict:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/", timeout=5) as r:
+            return json.load(r)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def recovering_world(request):
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+
+    relay = RecoveringRelay(window=30, overlap=getattr(request, "param", 0))
+    pages = PageServer()
+    proxy = CuttingProxy(relay.port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=browser_path,
+                                                 args=CHROMIUM_ARGS, timeout=30_000)
+            try:
+                yield browser, pages, relay, proxy
+            finally:
+                browser.close()
+    finally:
+        proxy.stop()
+        pages.stop()
+        relay.stop()
+
+
+# Records what the application sees, with either class; on close, an app that uses a
+# plain WebSocket reconnects by itself after 300 ms, as Impossible Writer does.
+APP = """
+([className, url]) => {
+  window.events = [];
+  window.messages = [];
+  const connect = () => {
+    const socket = new window[className](url);
+    socket.onopen = () => window.events.push("open");
+    socket.onclose = (e) => {
+      window.events.push("close");
+      if (className === "WebSocket") setTimeout(() => { window.socket = connect(); }, 300);
+    };
+    socket.onmessage = (e) => window.messages.push(JSON.parse(e.data));
+    return socket;
+  };
+  window.socket = connect();
+  window.ops = (prefix) => window.messages.filter((m) => m.type === "op"
+                                                  && m.n.startsWith(prefix)).map((m) => m.n);
+  window.sendOps = (prefix, count, every) => new Promise((resolve) => {
+    let n = 0;
+    const next = () => {
+      window.socket.send(JSON.stringify({ type: "op", n: prefix + n }));
+      n += 1;
+      if (n < count) setTimeout(next, every); else resolve();
+    };
+    next();
+  });
+}
+"""
+
+
+def run_cut_scenario(recovering_world, class_name: str, replay_extra: int = 0) -> tuple:
+    """Two pages in one room; the first's connection is cut (dropped, new connections
+    refused) for 3 s while the second sends 200 messages; the first also sends 150 of
+    its own while it is down (IWRelaySocket only)."""
+    browser, pages, relay, proxy = recovering_world
+    cut_page, peer_page = open_page(browser, pages), open_page(browser, pages)
+    room = f"recover-{class_name}"
+    cut_page.evaluate(APP, [class_name, f"ws://127.0.0.1:{proxy.port}/room/{room}"])
+    cut_page.wait_for_function("window.messages.length === 1")
+    peer_page.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{relay.port}/room/{room}"])
+    peer_page.wait_for_function("window.messages.length === 1")
+    cut_page.wait_for_function("window.messages.some((m) => m.type === 'user-joined')")
+    if replay_extra:
+        peer_page.evaluate(f"window.sendOps('early-', {replay_extra}, 0)")
+        cut_page.wait_for_function(f"window.ops('early-').length === {replay_extra}")
+    proxy.cut(refuse_for=3.0)
+    if class_name == "IWRelaySocket":
+        # Test-only peek: the socket has seen the drop (the application has not).
+        cut_page.wait_for_function("window.socket._phase === 'recovering'")
+        cut_page.evaluate("window.sendOps('a-', 150, 0)")
+    else:
+        cut_page.wait_for_function("window.events.includes('close')")
+    peer_page.evaluate("window.sendOps('b-', 200, 12)")
+    return cut_page, peer_page, relay, proxy
+
+
+def test_a_cut_page_using_iwrelaysocket_gets_all_200_in_order_once(recovering_world):
+    cut_page, peer_page, relay, proxy = run_cut_scenario(recovering_world, "IWRelaySocket")
+    cut_page.wait_for_function("window.ops('b-').length >= 200", timeout=40_000)
+    peer_page.wait_for_function("window.ops('a-').length >= 150", timeout=40_000)
+    assert proxy.refused >= 1  # it really was kept out for a while
+    assert cut_page.evaluate("window.ops('b-')") == [f"b-{n}" for n in range(200)]
+    assert peer_page.evaluate("window.ops('a-')") == [f"a-{n}" for n in range(150)]
+    # Invisible to both applications: no close, no second open, no user-left/-joined.
+    assert cut_page.evaluate("window.events") == ["open"]
+    assert peer_page.evaluate("window.events") == ["open"]
+    kinds = peer_page.evaluate("window.messages.map((m) => m.type)")
+    assert "user-left" not in kinds and kinds.count("user-joined") == 0
+    connected = cut_page.evaluate("window.messages.filter((m) => m.type === 'connected')")
+    assert len(connected) == 1  # the recovered "connected" is not shown
+    # The flush of 150 queued messages stayed under the relay's 100/s.
+    stats = relay.stats()
+    assert stats["rateLimited"] == 0
+    assert stats["recoveriesSucceeded"] >= 1 and stats["members"] == 2
+    assert cut_page.errors == [] and peer_page.errors == []
+
+
+def test_the_same_cut_with_a_plain_websocket_loses_messages(recovering_world):
+    cut_page, peer_page, _, _ = run_cut_scenario(recovering_world, "WebSocket")
+    cut_page.wait_for_function("window.events.filter((e) => e === 'open').length === 2",
+                               timeout=40_000)
+    # Once the plain page is back (as a new member), a marker message: everything the
+    # peer sent before it and while the page was away is lost for the page.
+    peer_page.wait_for_function("window.messages.filter((m) => m.type === 'user-joined')"
+                                ".length === 1")
+    peer_page.evaluate("window.sendOps('c-', 1, 0)")
+    cut_page.wait_for_function("window.ops('c-').length === 1")
+    received = cut_page.evaluate("window.ops('b-')")
+    assert len(received) < 200
+    # The peer sees a second member join; the old one stays "away" for the window,
+    # since the relay cannot tell a plain client's drop from a resumable one.
+    ids = cut_page.evaluate("window.messages.filter((m) => m.type === 'connected')"
+                            ".map((m) => m.connectionId)")
+    assert len(set(ids)) == 2
+
+
+@pytest.mark.parametrize("recovering_world", [5], indirect=True)
+def test_duplicates_are_dropped_by_seq(recovering_world):
+    """The relay resumes from 5 seqs further back than asked: the page already has
+    those, and must not show them again."""
+    cut_page, _, _, _ = run_cut_scenario(recovering_world, "IWRelaySocket",
+                                         replay_extra=5)
+    cut_page.wait_for_function("window.ops('b-').length >= 200", timeout=40_000)
+    assert cut_page.evaluate("window.ops('early-')") == [f"early-{n}" for n in range(5)]
+    assert cut_page.evaluate("window.ops('b-')") == [f"b-{n}" for n in range(200)]
+    seqs = cut_page.evaluate("window.messages.filter((m) => 'seq' in m).map((m) => m.seq)")
+    assert seqs == sorted(set(seqs))
+
+
+def test_a_failed_recovery_shows_close_then_open_and_a_fresh_connected(tmp_path):
+    """The window (0.5 s) passes while the page is cut off: the relay answers the resume
+    with a fresh join (recovered: false); the application sees close, open, and the new
+    "connected", and what it sent while down belonged to the lost session (dropped)."""
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+
+    relay = RecoveringRelay(window=0.5)
+    pages = PageServer()
+    proxy = CuttingProxy(relay.port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=browser_path,
+                                                 args=CHROMIUM_ARGS, timeout=30_000)
+            try:
+                page, peer = open_page(browser, pages), open_page(browser, pages)
+                url = f"ws://127.0.0.1:{proxy.port}/room/failing"
+                page.evaluate(APP, ["IWRelaySocket", url])
+                page.wait_for_function("window.messages.length === 1")
+                peer.evaluate(APP, ["IWRelaySocket",
+                                    f"ws://127.0.0.1:{relay.port}/room/failing"])
+                peer.wait_for_function("window.messages.length === 1")
+                page.evaluate("""() => { window.recoveries = [];
+                  window.socket.addEventListener("recovery",
+                    (e) => window.recoveries.push(e.detail.recovered)); }""")
+                proxy.cut(refuse_for=2.0)
+                page.wait_for_function("window.socket._phase === 'recovering'")
+                page.evaluate("window.sendOps('lost-', 3, 0)")
+                page.wait_for_function("window.events.length === 3", timeout=30_000)
+                assert page.evaluate("window.events") == ["open", "close", "open"]
+                assert page.evaluate("window.recoveries") == [False]
+                connected = page.evaluate(
+                    "window.messages.filter((m) => m.type === 'connected')")
+                assert len(connected) == 2 and connected[1]["recovered"] is False
+                assert connected[1]["connectionId"] != connected[0]["connectionId"]
+                assert page.evaluate("window.socket.readyState") == 1
+                page.evaluate("window.sendOps('new-', 1, 0)")
+                peer.wait_for_function("window.ops('new-').length === 1")
+                assert peer.evaluate("window.ops('lost-')") == []
+                kinds = peer.evaluate("window.messages.map((m) => m.type)")
+                assert kinds.count("user-left") == 1  # the old member, after its window
+                assert relay.stats()["recoveriesFailed"] == {"session_ended": 1}
+            finally:
+                browser.close()
+    finally:
+        proxy.stop()
+        pages.stop()
+        relay.stop()
