@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 MAX_REFUSAL = 30.0
 _CHUNK = 65536
@@ -29,7 +30,10 @@ def _reset(sock: socket.socket) -> None:
 
 
 class CuttingProxy:
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1",
+                 now: Callable[[], float] = time.monotonic) -> None:
+        """`now`: the refusal's clock (tests of the proxy itself drive a fake one)."""
+        self._now = now
         self.upstream = (upstream_host, upstream_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
@@ -56,13 +60,13 @@ class CuttingProxy:
     def cut(self, refuse_for: float = 0.0) -> None:
         """Drop every live connection now and refuse new ones for `refuse_for` seconds."""
         with self._lock:
-            self._refuse_until = time.monotonic() + min(refuse_for, MAX_REFUSAL)
+            self._refuse_until = self._now() + min(refuse_for, MAX_REFUSAL)
             self._cut_requested = True
         self._wake()
 
     def refusing(self) -> bool:
         with self._lock:
-            return time.monotonic() < self._refuse_until
+            return self._now() < self._refuse_until
 
     def live_connections(self) -> int:
         with self._lock:
