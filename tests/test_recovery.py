@@ -439,3 +439,24 @@ def test_sessions_claim_alone_also_lets_the_deadline_win_ties():
     assert sessions.claim(ROOM, C, 0).takeover is False
     assert sessions.claim(ROOM, C, 0) is RecoveryFailure.TOKEN_REUSED
     assert sessions.claim(ROOM, C, 1).takeover is True
+
+
+def test_the_recovery_page_is_valid_and_covers_the_options_and_fields():
+    from pathlib import Path
+
+    import docutils.core
+    import docutils.utils
+
+    from iw_relay.config import OPTION_PARSERS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "recovery.rst").read_text()
+    docutils.core.publish_doctree(text, settings_overrides={
+        "halt_level": docutils.utils.Reporter.WARNING_LEVEL, "report_level": 5})
+    for option in (o for o in OPTION_PARSERS if o.startswith("recovery-")):
+        assert f"``--{option}" in text, option
+    for name in ("epoch", "seq", "resumeToken", "recovered", "?resume=TOKEN&since=SEQ&epoch="):
+        assert name in text
+    for reason in RecoveryFailure:
+        assert f"``{reason.value}``" in text
+    token = ResumeTokens().issue(ROOM, A, 0, 2e9)
+    assert f"A token is {len(token)} URL-safe characters" in text
