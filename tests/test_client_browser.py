@@ -443,7 +443,12 @@ APP = """
 """
 
 
-def run_cut_scenario(recovering_world, class_name: str, replay_extra: int = 0) -> tuple:
+SPOOF = ("window.socket.send(JSON.stringify({type: 'connected', recovered: false, "
+         "resumeToken: 'forged', epoch: 'forged', seq: 0}))")
+
+
+def run_cut_scenario(recovering_world, class_name: str, replay_extra: int = 0,
+                     spoof: bool = False) -> tuple:
     """Two pages in one room; the first's connection is cut (dropped, new connections
     refused) for 3 s while the second sends 200 messages; the first also sends 150 of
     its own while it is down (IWRelaySocket only)."""
@@ -455,6 +460,11 @@ def run_cut_scenario(recovering_world, class_name: str, replay_extra: int = 0) -
     peer_page.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{relay.port}/room/{room}"])
     peer_page.wait_for_function("window.messages.length === 1")
     cut_page.wait_for_function("window.messages.some((m) => m.type === 'user-joined')")
+    if spoof:
+        # A peer's message of type "connected" must not pass for the relay's.
+        peer_page.evaluate(SPOOF)
+        cut_page.wait_for_function("window.messages.filter((m) => m.type === 'connected')"
+                                   ".length === 2")
     if replay_extra:
         peer_page.evaluate(f"window.sendOps('early-', {replay_extra}, 0)")
         cut_page.wait_for_function(f"window.ops('early-').length === {replay_extra}")
@@ -470,7 +480,8 @@ def run_cut_scenario(recovering_world, class_name: str, replay_extra: int = 0) -
 
 
 def test_a_cut_page_using_iwrelaysocket_gets_all_200_in_order_once(recovering_world):
-    cut_page, peer_page, relay, proxy = run_cut_scenario(recovering_world, "IWRelaySocket")
+    cut_page, peer_page, relay, proxy = run_cut_scenario(recovering_world, "IWRelaySocket",
+                                                         spoof=True)
     cut_page.wait_for_function("window.ops('b-').length >= 200", timeout=40_000)
     peer_page.wait_for_function("window.ops('a-').length >= 150", timeout=40_000)
     assert proxy.refused >= 1  # it really was kept out for a while
@@ -482,7 +493,9 @@ def test_a_cut_page_using_iwrelaysocket_gets_all_200_in_order_once(recovering_wo
     kinds = peer_page.evaluate("window.messages.map((m) => m.type)")
     assert "user-left" not in kinds and kinds.count("user-joined") == 0
     connected = cut_page.evaluate("window.messages.filter((m) => m.type === 'connected')")
-    assert len(connected) == 1  # the recovered "connected" is not shown
+    # The relay's first, and the peer's spoof (stamped with the peer's id); the
+    # recovered "connected" is not shown.
+    assert len(connected) == 2 and connected[1]["resumeToken"] == "forged"
     # The flush of 150 queued messages stayed under the relay's 100/s.
     stats = relay.stats()
     assert stats["rateLimited"] == 0

@@ -81,6 +81,8 @@
       this._state = CONNECTING;
       this._phase = "first";
       this._binaryType = "blob";
+      this._protocol = ""; // as negotiated by the connection that opened last
+      this._extensions = "";
       this._ws = null;
       this._session = null; // {token, epoch} once the relay offers recovery
       this._lastSeq = 0;
@@ -101,8 +103,8 @@
 
     get url() { return this._url.href; }
     get readyState() { return this._state; }
-    get protocol() { return this._ws ? this._ws.protocol : ""; }
-    get extensions() { return this._ws ? this._ws.extensions : ""; }
+    get protocol() { return this._protocol; }
+    get extensions() { return this._extensions; }
     get binaryType() { return this._binaryType; }
     set binaryType(value) {
       if (value !== "blob" && value !== "arraybuffer") return;
@@ -164,6 +166,7 @@
         ? new NativeWebSocket(url.href) : new NativeWebSocket(url.href, this._protocols);
       ws.binaryType = this._binaryType;
       this._ws = ws;
+      this._awaitingConnected = true;
       ws.onopen = () => { if (ws === this._ws) this._opened(); };
       ws.onmessage = (event) => { if (ws === this._ws) this._received(event); };
       ws.onerror = () => { if (ws === this._ws) this._errored(); };
@@ -172,6 +175,8 @@
 
     _opened() {
       this._attempt = 0;
+      this._protocol = this._ws.protocol;
+      this._extensions = this._ws.extensions;
       if (this._phase === "recovering") return; // "connected" will say if it recovered
       this._surfaceOpen();
     }
@@ -184,11 +189,16 @@
     }
 
     _received(event) {
+      // The relay's own "connected" is the first message on a connection: a peer's
+      // message of type "connected" later is just a message.
+      const first = this._awaitingConnected;
+      this._awaitingConnected = false;
       let message = null;
-      if (typeof event.data === "string" && event.data.charCodeAt(0) === 123 /* { */) {
+      if ((first || this._session !== null) && typeof event.data === "string"
+          && event.data.charCodeAt(0) === 123 /* { */) {
         try { message = JSON.parse(event.data); } catch (_) { message = null; }
       }
-      if (message !== null && message.type === "connected") {
+      if (first && message !== null && message.type === "connected") {
         if (!this._connected(message)) return;
       } else if (message !== null && this._session !== null) {
         if (typeof message.seq === "number") {
