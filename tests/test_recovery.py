@@ -12,6 +12,7 @@ from iw_relay import messages
 from iw_relay.config import RelayConfig
 from iw_relay.recovery import (
     HistoryStore,
+    HistoryUsage,
     MemoryHistory,
     Recovery,
     RecoveryFailure,
@@ -460,3 +461,23 @@ def test_the_recovery_page_is_valid_and_covers_the_options_and_fields():
         assert f"``{reason.value}``" in text
     token = ResumeTokens().issue(ROOM, A, 0, 2e9)
     assert f"A token is {len(token)} URL-safe characters" in text
+
+
+def test_the_memory_estimate_is_close_to_what_python_allocates():
+    import tracemalloc
+
+    world = World(max_bytes=1 << 24)
+    world.send("warm-up")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(500):
+            world.send("x" * (i % 300))
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    allocated = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    usage = world.recovery.history.usage()
+    kept_since = usage.memory_bytes - HistoryUsage(1, 1, len(with_seq(frame("warm-up"), 1))
+                                                   ).memory_bytes
+    assert abs(kept_since - allocated) / allocated < 0.15, (kept_since, allocated)
