@@ -426,29 +426,38 @@ class Sessions:
         self.clock = clock
         self.window = window
         self._gone = gone
-        self._sessions: dict[tuple[str, str], Session] = {}
+        self._rooms: dict[str, dict[str, Session]] = {}  # room id -> connection id ->
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return self._count
 
     def get(self, room_id: str, connection_id: str) -> Session | None:
-        return self._sessions.get((room_id, connection_id))
+        room = self._rooms.get(room_id)
+        return room.get(connection_id) if room is not None else None
 
     def away_count(self) -> int:
-        return sum(s.state is SessionState.AWAY for s in self._sessions.values())
+        return sum(s.state is SessionState.AWAY
+                   for room in self._rooms.values() for s in room.values())
 
     def in_room(self, room_id: str) -> list[Session]:
-        return [s for (room, _), s in self._sessions.items() if room == room_id]
+        return list(self._rooms.get(room_id, {}).values())
+
+    def has_room(self, room_id: str) -> bool:
+        return room_id in self._rooms
 
     def joined(self, room_id: str, connection_id: str, joined_seq: int) -> Session:
         session = Session(room_id, connection_id, joined_seq)
-        self._sessions[(room_id, connection_id)] = session
+        room = self._rooms.setdefault(room_id, {})
+        if connection_id not in room:
+            self._count += 1
+        room[connection_id] = session
         return session
 
     def dropped(self, room_id: str, connection_id: str, grace: bool) -> bool:
         """Its connection closed; True when it is now away (its peers hear nothing yet),
         False when it is gone (the caller says ``user-left`` now; `gone` is not called)."""
-        session = self._sessions.get((room_id, connection_id))
+        session = self.get(room_id, connection_id)
         if session is None:
             return False
         if not grace or self.window <= 0:
@@ -463,7 +472,7 @@ class Sessions:
               generation: int) -> Claim | RecoveryFailure:
         """Attach a new connection to the session, if the token's generation is current
         and its grace has not run out."""
-        session = self._sessions.get((room_id, connection_id))
+        session = self.get(room_id, connection_id)
         if session is None:
             return RecoveryFailure.SESSION_ENDED
         if session.state is SessionState.AWAY and self.clock.seconds() >= session.deadline:
@@ -480,7 +489,7 @@ class Sessions:
     def check(self, room_id: str, connection_id: str,
               generation: int) -> Session | RecoveryFailure:
         """What `claim` would answer, without claiming (no side effect)."""
-        session = self._sessions.get((room_id, connection_id))
+        session = self.get(room_id, connection_id)
         if session is None or (session.state is SessionState.AWAY
                                and self.clock.seconds() >= session.deadline):
             return RecoveryFailure.SESSION_ENDED
@@ -490,7 +499,7 @@ class Sessions:
 
     def end(self, room_id: str, connection_id: str) -> None:
         """An away member is gone now (its resume failed): `gone` runs at once."""
-        session = self._sessions.get((room_id, connection_id))
+        session = self.get(room_id, connection_id)
         if session is not None and session.state is SessionState.AWAY:
             self._deadline(session)
 
@@ -500,7 +509,7 @@ class Sessions:
             self._forget(session)
 
     def _deadline(self, session: Session) -> None:
-        if self._sessions.get((session.room_id, session.connection_id)) is not session:
+        if self.get(session.room_id, session.connection_id) is not session:
             return
         if session.state is not SessionState.AWAY:
             return
@@ -509,8 +518,12 @@ class Sessions:
 
     def _forget(self, session: Session) -> None:
         self._cancel_timer(session)
-        if self._sessions.get((session.room_id, session.connection_id)) is session:
-            del self._sessions[(session.room_id, session.connection_id)]
+        room = self._rooms.get(session.room_id)
+        if room is not None and room.get(session.connection_id) is session:
+            del room[session.connection_id]
+            self._count -= 1
+            if not room:
+                del self._rooms[session.room_id]
 
     @staticmethod
     def _cancel_timer(session: Session) -> None:
@@ -618,7 +631,7 @@ class Recovery:
 
     def keeps_room(self, room_id: str) -> bool:
         """A room with no connection left is kept while any of its members is away."""
-        return self.enabled and bool(self.sessions.in_room(room_id))
+        return self.enabled and self.sessions.has_room(room_id)
 
     def room_gone(self, room_id: str) -> None:
         self.sessions.end_room(room_id)

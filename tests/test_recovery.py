@@ -481,3 +481,19 @@ def test_the_memory_estimate_is_close_to_what_python_allocates():
     kept_since = usage.memory_bytes - HistoryUsage(1, 1, len(with_seq(frame("warm-up"), 1))
                                                    ).memory_bytes
     assert abs(kept_since - allocated) / allocated < 0.15, (kept_since, allocated)
+
+
+def test_sessions_are_counted_and_indexed_by_room():
+    world = World()
+    for cid in (A, B):
+        world.join(cid)
+    world.join(C, room="room-b")
+    sessions = world.recovery.sessions
+    assert len(sessions) == 3 and len(sessions.in_room(ROOM)) == 2
+    world.recovery.dropped(ROOM, A, 1000)
+    world.recovery.dropped(ROOM, B, 1006)
+    assert len(sessions) == 2 and world.recovery.keeps_room(ROOM)
+    world.clock.advance(120)
+    assert len(sessions) == 1 and not world.recovery.keeps_room(ROOM)
+    world.recovery.room_gone("room-b")
+    assert len(sessions) == 0 and sessions.in_room("room-b") == []
