@@ -407,6 +407,31 @@ class Claim:
     takeover: bool
 
 
+class SessionStore(Protocol):
+    """Presence grace as a cluster keeps it (`Sessions` is the one-node version).
+
+    A Redis store keeps each session as a hash ``iwrelay:s:{sha256(room id)}:{cid}``
+    (generation, joined seq, state) and each away member's deadline as the key's TTL;
+    `claim` is one Lua script (check the state and the generation, bump it, clear the
+    TTL), so exactly one of two simultaneous resumes wins on whichever nodes they land.
+    The node that saw the drop arms the grace timer; when it fires (or the reaper finds
+    the key expired for a dead node), the ``user-left`` goes out only if a Lua check
+    finds the session still away: a resume that claimed it first wins.
+    """
+
+    def joined(self, room_id: str, connection_id: str,
+               joined_seq: int) -> Deferred[Session]: ...
+
+    def dropped(self, room_id: str, connection_id: str, grace: bool) -> Deferred[bool]: ...
+
+    def claim(self, room_id: str, connection_id: str,
+              generation: int) -> Deferred[Claim | RecoveryFailure]: ...
+
+    def end(self, room_id: str, connection_id: str) -> Deferred[None]: ...
+
+    def end_room(self, room_id: str) -> Deferred[None]: ...
+
+
 class Sessions:
     """Presence grace, one node's bookkeeping (a cluster keeps it in Redis, with the
     deadline as a key TTL and `claim` as a Lua script).
