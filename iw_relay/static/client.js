@@ -174,7 +174,6 @@
     }
 
     _opened() {
-      this._attempt = 0;
       this._protocol = this._ws.protocol;
       this._extensions = this._ws.extensions;
       if (this._phase === "recovering") return; // "connected" will say if it recovered
@@ -182,6 +181,7 @@
     }
 
     _surfaceOpen() {
+      this._attempt = 0;
       this._phase = "live";
       this._state = OPEN;
       this.dispatchEvent(new Event("open"));
@@ -222,7 +222,8 @@
       this._resuming = false;
       if (message.recovered === true && offered) {
         this._session = { token: message.resumeToken, epoch: message.epoch };
-        this._phase = "live";
+        this._attempt = 0; // only once back in the session: a relay that accepts and
+        this._phase = "live"; // closes at once keeps the backoff growing
         this.dispatchEvent(new CustomEvent("recovery", { detail: { recovered: true } }));
         this._pump();
         return false;
@@ -289,7 +290,14 @@
       this._attempt += 1;
       this._retryTimer = setTimeout(() => {
         this._retryTimer = null;
-        if (this._phase === "recovering" || this._phase === "reopening") this._connect();
+        if (this._phase !== "recovering" && this._phase !== "reopening") return;
+        try {
+          this._connect();
+        } catch (error) { // cannot happen with a URL that worked once; never loop on it
+          const wasOpen = this._state === OPEN;
+          this._stepAside();
+          if (wasOpen) this._surfaceClose(1006, "", false);
+        }
       }, delay);
     }
 
