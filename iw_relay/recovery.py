@@ -523,10 +523,13 @@ class Sessions:
         return session
 
     def end(self, room_id: str, connection_id: str) -> None:
-        """An away member is gone now (its resume failed): `gone` runs at once."""
+        """The member is gone now (a resume with its valid token failed): `gone` runs at
+        once. If it still looked present (an old connection the relay has not seen die),
+        `gone` must also close that connection quietly: its owner is joining afresh."""
         session = self.get(room_id, connection_id)
-        if session is not None and session.state is SessionState.AWAY:
-            self._deadline(session)
+        if session is not None:
+            self._forget(session)
+            self._gone(room_id, connection_id)
 
     def end_room(self, room_id: str) -> None:
         """The room is gone (expired, deleted): forget its sessions, calling nothing."""
@@ -597,7 +600,9 @@ class Recovery:
     - every relayed frame, and ``user-joined`` / ``user-left``, goes out as
       ``recovery.record(room_id, payload, sender, target)``;
     - on close: ``if recovery.dropped(room_id, cid, code, by_server): return`` (away:
-      say nothing); `gone` is later called with ``(room_id, cid)`` to say ``user-left``;
+      say nothing); `gone` is later called with ``(room_id, cid)`` to say ``user-left``
+      (closing first, quietly, any connection still attached to that member: one a
+      failed resume replaced);
     - a handshake with ``?resume=`` calls `resume`: a `Resumed` rejoins the member under
       its old id (closing the old connection quietly on a takeover); a `RecoveryFailure`
       makes it a fresh join whose ``connected`` has ``recovered: false``;
@@ -665,8 +670,9 @@ class Recovery:
     def resume(self, room_id: str, token: str, since: str | int | None,
                epoch: str | None) -> Resumed | RecoveryFailure:
         """Resume a session from ``?resume=TOKEN&since=SEQ&epoch=E``: exactly the frames
-        the member is owed, or why not (counted). A failure ends an away session at once
-        (its ``user-left`` goes out before the fresh join's ``user-joined``)."""
+        the member is owed, or why not (counted). A failure with a genuine, current
+        token ends the session at once (its ``user-left`` goes out before the fresh
+        join's ``user-joined``; a connection still attached to it is closed)."""
         outcome = self._resume(room_id, token, since, epoch)
         if isinstance(outcome, RecoveryFailure):
             self.stats.failed[outcome.value] += 1

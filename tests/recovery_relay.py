@@ -45,6 +45,10 @@ class Rooms:
 
     def gone(self, room_id: str, cid: str) -> None:
         self.away.get(room_id, set()).discard(cid)
+        attached = self.members.get(room_id, {}).pop(cid, None)
+        if attached is not None:  # a failed resume replaced it: closed quietly
+            attached.replaced = True
+            attached.dropConnection(abort=True)
         self.send(room_id, messages.user_left(cid, len(self.ids(room_id))), cid)
 
     def attach(self, member: RecoveringProtocol, room_id: str, fields: dict,

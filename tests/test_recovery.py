@@ -497,3 +497,17 @@ def test_sessions_are_counted_and_indexed_by_room():
     assert len(sessions) == 1 and not world.recovery.keeps_room(ROOM)
     world.recovery.room_gone("room-b")
     assert len(sessions) == 0 and sessions.in_room("room-b") == []
+
+
+def test_a_failed_takeover_ends_the_old_session_and_its_token():
+    """The relay still holds the old connection; the resume cannot be served (history
+    trimmed): the member is gone at once (the caller closes the old connection and says
+    user-left), and the old token never works again."""
+    world = World(max_messages=1)
+    joined = world.join(B)
+    world.send("1")
+    world.send("2")
+    assert world.resume(joined) is RecoveryFailure.HISTORY_TRIMMED
+    assert world.gone == [(ROOM, B)]
+    assert world.resume(joined) is RecoveryFailure.SESSION_ENDED
+    assert world.gone == [(ROOM, B)]

@@ -41,7 +41,7 @@ class RecoveryMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = Clock()
         self.gone: list[str] = []
-        self.recovery = Recovery(self.clock, WINDOW, max_messages=6, max_bytes=700,
+        self.recovery = Recovery(self.clock, WINDOW, max_messages=12, max_bytes=2000,
                                  gone=lambda room, cid: self.gone.append(cid))
         self.people = [Person() for _ in range(PEOPLE)]
         self.log: list[tuple[int, str, str | None, int]] = []  # seq, sender, target, id
@@ -49,6 +49,7 @@ class RecoveryMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.ended: set[str] = set()
         self.resumed_ok = 0
+        self.stale: list[tuple[str, dict]] = []  # (cid, connected fields) of ended members
         for person in self.people:
             self._join(person)
 
@@ -68,8 +69,12 @@ class RecoveryMachine(RuleBasedStateMachine):
     def _sync_gone(self) -> None:
         for person in self.people:
             if person.cid in self.gone and person.state == "away":
-                person.state = "left"
-                self.ended.add(person.cid)
+                self._end(person)
+
+    def _end(self, person: Person) -> None:
+        person.state = "left"
+        self.ended.add(person.cid)
+        self.stale.append((person.cid, person.fields))
 
     @rule(sender=st.integers(0, PEOPLE - 1), to=st.none() | st.integers(0, PEOPLE - 1),
           size=st.integers(0, 150))
@@ -111,14 +116,22 @@ class RecoveryMachine(RuleBasedStateMachine):
         if away:
             person.state, person.away_since = "away", self.clock.seconds()
         else:
-            person.state = "left"
-            self.ended.add(person.cid)
+            self._end(person)
 
+    @precondition(lambda self: any(p.state == "away" for p in self.people))
     @rule(who=st.integers(0, PEOPLE - 1))
     def resume(self, who: int) -> None:
-        person = self.people[who]
-        if person.state == "left":
-            return
+        """An away member comes back."""
+        away = [p for p in self.people if p.state == "away"]
+        self._resume(away[who % len(away)])
+
+    @rule(who=st.integers(0, PEOPLE - 1))
+    def takeover(self, who: int) -> None:
+        """A member resumes before the relay noticed its old connection died."""
+        if self.people[who].state == "present":
+            self._resume(self.people[who])
+
+    def _resume(self, person: Person) -> None:
         takeover = person.state == "present"
         person.in_flight = []  # on a takeover, what the old connection had is lost
         since = person.last_seq
@@ -147,9 +160,20 @@ class RecoveryMachine(RuleBasedStateMachine):
             assert outcome is RecoveryFailure.SESSION_ENDED, outcome
             assert not takeover
             assert self.clock.seconds() - person.away_since >= WINDOW
-        assert person.cid in self.gone or person.state == "left" or takeover
+        assert person.cid in self.gone  # ended at once, user-left said, old one closed
         self.ended.add(person.cid)
+        self.stale.append((person.cid, person.fields))
         self._join(person)  # a fresh join: the app resyncs
+
+    @precondition(lambda self: self.stale)
+    @rule(which=st.integers(0, 100))
+    def resume_an_ended_session(self, which: int) -> None:
+        """A token of a member that left cleanly or whose window passed never works."""
+        cid, fields = self.stale[which % len(self.stale)]
+        outcome = self.recovery.resume(ROOM, fields["resumeToken"], fields["seq"],
+                                       fields["epoch"])
+        assert outcome in (RecoveryFailure.SESSION_ENDED, RecoveryFailure.TOKEN_REUSED)
+        assert cid not in {p.cid for p in self.people if p.state != "left"}
 
     @rule(seconds=st.sampled_from([0.5, 3.0, 9.999, 10.0, 12.0]))
     def advance(self, seconds: float) -> None:
@@ -187,6 +211,6 @@ def test_the_machine_actually_resumes():
     machine.send(0, None, 10)
     machine.drop(1, clean=False, lose=True)
     machine.send(0, 1, 10)
-    machine.resume(1)
+    machine.resume(0)
     assert machine.resumed_ok == 1
     assert [ident for _, ident in machine.people[1].delivered] == [1, 2]
