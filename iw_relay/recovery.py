@@ -672,7 +672,10 @@ class Recovery:
         """Resume a session from ``?resume=TOKEN&since=SEQ&epoch=E``: exactly the frames
         the member is owed, or why not (counted). A failure with a genuine, current
         token ends the session at once (its ``user-left`` goes out before the fresh
-        join's ``user-joined``; a connection still attached to it is closed)."""
+        join's ``user-joined``; a connection still attached to it is closed). With
+        recovery off there are no sessions: it fails, counting nothing."""
+        if not self.enabled:
+            return RecoveryFailure.SESSION_ENDED
         outcome = self._resume(room_id, token, since, epoch)
         if isinstance(outcome, RecoveryFailure):
             self.stats.failed[outcome.value] += 1

@@ -97,6 +97,9 @@ def test_off_by_default_changes_nothing():
     payload = frame("x")
     assert world.recovery.record(ROOM, payload, A) is payload
     assert world.recovery.dropped(ROOM, A, 1006) is False
+    token = ResumeTokens().issue(ROOM, A, 0, 4e9)
+    assert world.recovery.resume(ROOM, token, "0", "e") is RecoveryFailure.SESSION_ENDED
+    assert world.recovery.stats.failed == {} and world.clock.getDelayedCalls() == []
     assert world.recovery.snapshot() == {}
     assert list(world.recovery.metric_families()) == []
 
