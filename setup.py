@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["iw_relay", "iw_relay.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/iwrelay.py"], "iw_relay.demo": ["*.html"],
                   # the Redis backplane's scripts, read with importlib.resources
-                  "iw_relay.backplane": ["lua/*.lua"]},
+                  "iw_relay.backplane": ["lua/*.lua"],
+                  "iw_relay.static": ["*.js"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "pyjwt>=2.8",

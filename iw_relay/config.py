@@ -316,6 +316,13 @@ OPTIONS: tuple[Option, ...] = (
            "Lifetime of the TURN credentials /ice-servers hands out.", "DURATION"),
     Option("demo", "demo", parse_flag, None,
            "Serve the WebRTC demo page at /demo.", kind="flag"),
+    Option("recovery-window", "recovery_window", parse_duration, "0s",
+           "Connection recovery: how long a dropped member may resume (?resume=) with "
+           "nothing missed and no user-left for its peers; 0s is off.", "DURATION"),
+    Option("recovery-max-messages", "recovery_max_messages", parse_positive_int, "1000",
+           "Connection recovery: messages kept per room.", "N"),
+    Option("recovery-max-bytes", "recovery_max_bytes", _positive_size, "1MiB",
+           "Connection recovery: bytes of messages kept per room.", "SIZE"),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -364,6 +371,11 @@ class RelayConfig:
     turn_ttl: float = _default("turn-ttl")
     #: Serve the WebRTC demo page at /demo (iw_relay.demo).
     demo: bool = _default("demo")
+    #: Connection recovery (iw_relay.recovery): how long a dropped member may resume;
+    #: 0 is off (today's wire protocol exactly). Per-room history bounds.
+    recovery_window: float = _default("recovery-window")
+    recovery_max_messages: int = _default("recovery-max-messages")
+    recovery_max_bytes: int = _default("recovery-max-bytes")
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -374,6 +386,8 @@ class RelayConfig:
                 raise ValueError(f"{name} must be longer than zero")
         if self.ping_interval < 0:
             raise ValueError("ping_interval must not be negative")
+        if self.recovery_window < 0:
+            raise ValueError("recovery_window must not be negative")
         if min(self.rate_limit, self.max_message_size, self.max_send_buffer,
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "

@@ -1,0 +1,1 @@
+"""Static files the relay serves: client.js (IWRelaySocket), read by iw_relay.clientjs."""
