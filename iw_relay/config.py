@@ -176,6 +176,8 @@ class RelayConfig:
     ports: tuple[str, ...] = ("tcp:3000",)
     rate_limit: int = 100
     rate_window: float = 1.0
+    #: Token-bucket capacity: frames a quiet connection may send at once; 0 = rate_limit.
+    rate_burst: int = 0
     room_expiry: float = 24 * 3600.0
     cleanup_interval: float = 3600.0
     max_message_size: int = 1024 * 1024
@@ -221,6 +223,8 @@ class RelayConfig:
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "
                              "redis_queue_size must be >= 1")
+        if self.rate_burst and self.rate_burst < self.rate_limit:
+            raise ValueError("rate_burst must be 0 (= rate_limit) or at least rate_limit")
         if self.turn_ttl <= 0:
             raise ValueError("turn_ttl must be longer than zero")
         if bool(self.turn_uris) != (self.turn_secret is not None):
@@ -238,6 +242,7 @@ class RelayConfig:
 OPTION_PARSERS = {
     "rate-limit": ("rate_limit", parse_positive_int),
     "rate-window": ("rate_window", _positive_duration),
+    "rate-burst": ("rate_burst", parse_count),
     "room-expiry": ("room_expiry", _positive_duration),
     "cleanup-interval": ("cleanup_interval", _positive_duration),
     "max-message-size": ("max_message_size", _positive_size),

@@ -36,6 +36,8 @@ _log = Logger()
 _HELP = {
     "rate-limit": "Messages per window per connection [default: 100].",
     "rate-window": "Rate-limit window, a DURATION such as 1s or 500ms [default: 1s].",
+    "rate-burst": "Messages a quiet connection may send at once: unused allowance is "
+    "saved up to this many [default: 0, the same as --rate-limit].",
     "room-expiry": "Room lifetime from its creation [default: 24h].",
     "cleanup-interval": "How often expired rooms are swept [default: 1h].",
     "max-message-size": "Larger messages close the sender with 1009 [default: 1MiB].",
@@ -53,8 +55,8 @@ _HELP = {
     "HTTP 503 [default: 64; 0 unlimited].",
     "max-room-size": "Members per room; a join over it gets ROOM_FULL and close 1008 "
     "[default: 0, unlimited].",
-    "flood-windows": "Consecutive rate windows over the limit before the sender is closed "
-    "with 1008 [default: 10; 0 never].",
+    "flood-windows": "Rate windows over the limit, less those within it, before the "
+    "sender is closed with 1008 [default: 10; 0 never].",
     "auth-secret": "HS256 secret: clients must pass ?token=JWT naming their room "
     "[default: off]. Prefer --auth-secret-file: a command line is visible to other users.",
     "auth-secret-file": "File holding the HS256 secret for ?token= [default: off].",
