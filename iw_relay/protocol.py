@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
@@ -36,7 +37,7 @@ from iw_relay.admission import (
 )
 from iw_relay.config import RelayConfig
 from iw_relay.fastframe import next_simple_frame
-from iw_relay.ratelimit import FixedWindowLimiter
+from iw_relay.ratelimit import TokenBucket
 from iw_relay.registry import RoomRegistry, room_hash
 
 # Autobahn's record of the opening handshake, unused once the connection is open.
@@ -53,16 +54,20 @@ def prepare_frame(payload: bytes) -> PreparedMessage:
     return PreparedMessage(payload, False, False, False)
 
 
-def requested_room(path: str, params: dict[str, list[str]]) -> str | None:
-    """The room id a handshake asks for, as the original reads it; None when there is none.
+def requested_room(target: str) -> str | None:
+    """The room id a handshake asks for, read from the raw request target as the original
+    reads it; None when there is none.
 
-    The path form wins and ignores the query: ``/room/abc/x`` asks for ``abc``. On any
-    other path, the (percent-decoded) ``room`` query parameter.
+    The path form wins and ignores the query: ``/room/abc/x`` asks for ``abc``. The path
+    is never percent-decoded nor split at ``;`` (``/room/%61bc`` and ``/room/abc;x`` ask
+    for ids that are refused, ``/room%2Fabc`` for none). On any other path, the
+    percent-decoded ``room`` query parameter.
     """
-    if path.startswith("/room/"):
-        segments = [segment for segment in path.split("/") if segment]
+    parts = urlsplit(target)
+    if parts.path.startswith("/room/"):
+        segments = [segment for segment in parts.path.split("/") if segment]
         return segments[1] if len(segments) >= 2 else None
-    values = params.get("room")
+    values = parse_qs(parts.query).get("room")
     return values[0] if values else None
 
 
@@ -128,7 +133,10 @@ class RelayServerProtocol(WebSocketServerProtocol):
     client_address: str | None = None  # counted in the factory's ConnectionCounter
     _requested_room: str | None = None
     _token: str | None = None
-    _limiter: FixedWindowLimiter | None = None
+    _limiter: TokenBucket | None = None
+    _reading_paused = False  # a flood: frames wait in the socket until the window ends
+    _resume_call: Any = None
+    _frame_refused = False  # the control frame being read was over the rate limit
     _joined = False
     #: Take simple frames on the lean path; False leaves every frame to Autobahn.
     fast_frames = True
@@ -175,10 +183,13 @@ class RelayServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Too many connections")
         self.client_address = address
         factory.registry.connections.add(address)
-        self._requested_room = requested_room(request.path, request.params)
+        self._requested_room = requested_room(self.http_request_uri)
         self._token = (request.params.get("token") or [None])[0]
 
     def connectionLost(self, reason: object = None) -> None:
+        if self._resume_call is not None:
+            self._resume_call.cancel()
+            self._resume_call = None
         if self.client_address is not None:
             self.factory.registry.connections.remove(self.client_address)
             self.client_address = None
@@ -214,9 +225,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
         self._watch_send_buffer()
         self._forget_handshake()
         self.connection_id = secrets.token_hex(8)
-        self._limiter = FixedWindowLimiter(
-            config.rate_limit, config.rate_window, factory.clock.seconds()
-        )
+        self._limiter = TokenBucket(config.rate_limit, config.rate_window,
+                                    factory.clock.seconds(), config.rate_burst)
         self._joined = True
         factory.registry.join(self, room_id)
 
@@ -230,7 +240,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
         # Both Autobahn limits are --max-message-size (RelayServerFactory): one number.
         max_size = self.maxMessagePayloadSize
         stats = self.trafficStats
-        while start < len(data) and self.state == WebSocketProtocol.STATE_OPEN:
+        while (start < len(data) and self.state == WebSocketProtocol.STATE_OPEN
+               and not self._reading_paused):
             frame = next_simple_frame(data, start, max_size)
             if frame is None:
                 break
@@ -264,21 +275,79 @@ class RelayServerProtocol(WebSocketServerProtocol):
                               connection_id=self.connection_id)
             self.close(messages.CLOSE_INTERNAL_ERROR, messages.INTERNAL_ERROR_REASON)
 
-    def _relay(self, payload: bytes) -> None:
+    def _within_rate(self) -> bool:
+        """Count one frame against the rate limit; False when it is refused.
+
+        Over the limit: one RATE_LIMIT_EXCEEDED a window; a flood (--flood-windows) is
+        closed with 1008; a connection that sent twice its allowance in this window is
+        not read again before the window ends (TCP holds the rest).
+        """
         factory = self.factory
         limiter = self._limiter
-        if not limiter.allow(factory.clock.seconds()):
-            factory.registry.count_rate_limited()
-            if limiter.first_refusal:
-                flood_windows = factory.config.flood_windows
-                if flood_windows and limiter.flooded_windows >= flood_windows:
-                    self._log.info("{connection_id} kept flooding: closed",
-                                   connection_id=self.connection_id)
-                    self.close(messages.CLOSE_POLICY_VIOLATION, messages.FLOOD_REASON)
-                    return
-                self._log.info("{connection_id} is over its rate limit",
+        now = factory.clock.seconds()
+        if limiter.allow(now):
+            return True
+        factory.registry.count_rate_limited()
+        if limiter.first_refusal:
+            flood_windows = factory.config.flood_windows
+            if flood_windows and limiter.flooded_windows >= flood_windows:
+                self._log.info("{connection_id} kept flooding: closed",
                                connection_id=self.connection_id)
-                self._reply(factory.rate_limit_error)
+                self.close(messages.CLOSE_POLICY_VIOLATION, messages.FLOOD_REASON)
+                self._pause_reading(None)  # for good: nothing it sends matters now
+                return False
+            self._log.info("{connection_id} is over its rate limit",
+                           connection_id=self.connection_id)
+            self._reply(factory.rate_limit_error)
+        if limiter.overdrawn and self._resume_call is None and not self._reading_paused:
+            self._pause_reading(limiter.window_end - now)
+        return False
+
+    def _pause_reading(self, seconds: float | None) -> None:
+        """Stop reading for `seconds` (None: until the connection is dropped)."""
+        if self._resume_call is not None:
+            self._resume_call.cancel()
+            self._resume_call = None
+        self._reading_paused = True
+        self.transport.pauseProducing()
+        if seconds is not None:
+            self._resume_call = self.factory.clock.callLater(max(seconds, 0.0),
+                                                             self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self._resume_call = None
+        self._reading_paused = False
+        if self.state in (WebSocketProtocol.STATE_OPEN, WebSocketProtocol.STATE_CLOSING):
+            self.transport.resumeProducing()
+            if self.data:
+                self.consumeData()  # what was read before the pause, then the socket
+
+    def processData(self) -> bool:
+        """Autobahn parses one frame per call: stop while reading is paused."""
+        if self._reading_paused:
+            return False
+        return super().processData()
+
+    def onFrameBegin(self) -> None:
+        """Control and continuation frames count against the rate limit, as messages do
+        (a message's first frame is counted once it is whole, in _relay)."""
+        opcode = self.current_frame.opcode
+        self._frame_refused = (opcode in (0x0, 0x9, 0xA) and self._limiter is not None
+                               and self.state == WebSocketProtocol.STATE_OPEN
+                               and not self._within_rate())
+        super().onFrameBegin()
+
+    def processControlFrame(self) -> bool:
+        """A ping or pong over the rate limit is dropped unread: no pong is sent back."""
+        if self._frame_refused and self.current_frame.opcode != 0x8:
+            self._frame_refused = False
+            self.control_frame_data = None
+            return True
+        return super().processControlFrame()
+
+    def _relay(self, payload: bytes) -> None:
+        factory = self.factory
+        if not self._within_rate():
             return
         try:
             relayed, target = messages.stamped(
@@ -334,6 +403,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
             return
         data = frame.payloadHybi
         self.factory.registry.stats.bytesSent += len(data)
+        self._enqueue(data)
+
+    def _enqueue(self, data: bytes) -> None:
         if not self._paused:
             if self._outbox is None:
                 self._outbox = [data]
@@ -352,7 +424,13 @@ class RelayServerProtocol(WebSocketServerProtocol):
             write_now(self.transport, outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Autobahn's own writes (close frames, pongs, replies) go after queued frames."""
+        """Autobahn's own writes go after queued frames. Once joined, all but the close
+        frame (pongs) go through the outbox, bounded by --max-send-buffer like relayed
+        frames; the close frame goes out at once, behind whatever is queued."""
+        if (self._joined and self.state == WebSocketProtocol.STATE_OPEN
+                and data[0] & 0x0F != 0x8):
+            self._enqueue(data)
+            return
         if self._outbox:
             self.flush_outbox()
         super().sendData(data, sync, chopsize)
