@@ -104,6 +104,7 @@ def test_sustained_flood_is_closed_but_a_burst_is_not(make_relay):
         flood_one_window(relay, flooder, 5)
     assert flooder.close_code is None
     flood_one_window(relay, flooder, 5)  # the fourth consecutive window over the limit
+    relay.advance(2.0)  # (its close handshake times out: a flooder is no longer read)
     assert (flooder.close_code, flooder.close_reason) == (1008, "Rate limit exceeded")
     assert watcher.close_code is None
 
@@ -291,3 +292,43 @@ class LostNotifier(Protocol):
 
     def connectionLost(self, reason):
         self.lost.callback(None)
+
+
+def test_reading_pauses_for_the_rest_of_a_window_once_twice_over_the_limit(make_relay):
+    relay = make_relay(config(rate_limit=3, flood_windows=0))
+    sender, watcher = relay.join(), relay.join()
+    for n in range(10):
+        sender.send_json({"type": "op", "n": n})
+    relay.flush()
+    server = relay.servers[0]
+    # 3 relayed, 3 refused; the other 4 wait unread until the window ends.
+    assert [m["n"] for m in watcher.messages_of("op")] == [0, 1, 2]
+    assert relay.registry.stats.rateLimitsHit == 3
+    assert server.data
+    relay.advance(0.5)
+    assert len(watcher.messages_of("op")) == 3
+    relay.advance(0.5)  # the next window: its allowance goes to the oldest waiting frames
+    assert [m["n"] for m in watcher.messages_of("op")] == [0, 1, 2, 6, 7, 8]
+    assert relay.registry.stats.rateLimitsHit == 4
+    assert not server.data
+
+
+def test_pings_over_the_limit_get_no_pong_and_count_as_a_flood(make_relay):
+    relay = make_relay(config(rate_limit=3, flood_windows=2))
+    pinger, watcher = relay.join(), relay.join()
+    pongs = []
+    pinger.onPong = pongs.append
+    for n in range(5):
+        pinger.sendPing(b"%d" % n)
+    relay.flush()
+    assert pongs == [b"0", b"1", b"2"]
+    assert [e["code"] for e in pinger.messages_of("error")] == ["RATE_LIMIT_EXCEEDED"]
+    relay.advance(1.0)
+    for n in range(5):
+        pinger.sendPing(b"%d" % n)
+    relay.flush()
+    # Nothing more is read from a flooder once it is closed: the close handshake ends
+    # when its timeout (2 s) drops the connection.
+    relay.advance(2.1)
+    assert (pinger.close_code, pinger.close_reason) == (1008, "Rate limit exceeded")
+    assert watcher.close_code is None
