@@ -20,6 +20,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from iw_relay import logs
+from iw_relay._autobahn import tune_autobahn
 from iw_relay.config import (
     FLAG_OPTIONS,
     LIST_OPTIONS,
@@ -237,6 +238,7 @@ def reload_on_sighup(service: RelayService) -> None:
 
 def makeService(options: Options) -> IService:
     logs.quiet_autobahn()
+    tune_autobahn()  # process-wide: only the plugin, not an application embedding the relay
     raise_open_files_limit()
     service = TwistdRelayService(options.config)
     reload_on_sighup(service)
