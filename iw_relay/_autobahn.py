@@ -10,6 +10,7 @@ with an ImportError naming the attribute, not silently under load.
   here and handed to onMessage; anything else goes to Autobahn's parser.
 - Control and continuation frames are put to `frame_allowed()` (the rate limit) before
   Autobahn handles them; a refused ping or pong is dropped unread (no pong goes back).
+  A pong that answers no ping of ours is passed on without Autobahn's warning per pong.
 - `pause_reading()`: no frame is parsed, and the socket is not read, until it ends.
 - Autobahn's own writes other than the close frame (pongs) go to `queue_frame()`, so the
   subclass bounds them like everything else it sends.
@@ -71,7 +72,7 @@ _RELIED_ON: tuple[tuple[Any, str], ...] = (
 _SET_BY: tuple[tuple[Any, str], ...] = (
     *((WebSocketProtocol._connectionMade, name) for name in (
         "data", "send_queue", "trafficStats", "closedByMe", "localCloseCode",
-        "remoteCloseCode", "autoPingTimeoutCall")),
+        "remoteCloseCode", "autoPingTimeoutCall", "autoPingPending")),
     *((websocket_protocol.WebSocketServerProtocol.succeedHandshake, name)
       for name in ("current_frame", "inside_message")),
     (WebSocketProtocol.onFrameBegin, "control_frame_data"),
@@ -276,6 +277,13 @@ class LeanServerProtocol(WebSocketServerProtocol):
             self._frame_refused = False
             self.control_frame_data = None
             return True
+        if self.current_frame.opcode == _PONG and self.autoPingPending:
+            payload = b"".join(self.control_frame_data)
+            if payload != self.autoPingPending:
+                # Autobahn logs a warning for each such pong: a log flood on demand.
+                self.control_frame_data = None
+                self._onPong(payload)
+                return True
         return super().processControlFrame()
 
     # -- writing ------------------------------------------------------------------------

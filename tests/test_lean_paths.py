@@ -154,3 +154,24 @@ def test_the_comparison_sees_pongs_order_and_closes():
     assert [m["n"] for kind, m in seen_by_a if kind == "message" and m["type"] == "op"] == [
         0, 1]
     assert result["closes"]["a"] == (1008, "Rate limit exceeded")
+
+
+def test_pongs_answering_nothing_are_not_logged_one_by_one(make_relay):
+    """Autobahn warns once per pong that does not answer its pending ping: a client could
+    fill the log at will (up to its rate limit)."""
+    from twisted.logger import globalLogPublisher
+
+    relay = make_relay(RelayConfig(ping_interval=5, ping_timeout=4))
+    client = relay.join()
+    client.onPing = lambda payload: None  # it does not answer the server's pings
+    relay.advance(5)  # the server's ping is pending now
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for n in range(5):
+            client.sendPong(b"%d" % n)
+        relay.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "pong" in str(e.get("log_format", "")).lower()]
+    assert relay.servers[0].autoPingPending  # (still pending: the real pong never came)
