@@ -48,7 +48,8 @@ class Outbox:
     """Mixed into the protocol (no object of its own per connection: memory counts).
 
     The protocol provides `transport`, `outbox_writable()` (False once closed),
-    `write_out(data)`, `flusher` (a TurnFlusher), `max_send_buffer` and
+    `write_out(data)` (which writes nothing once closed), `flusher` (a TurnFlusher) and
+    `max_send_buffer` (class attributes: they are read on every send), and
     `slow_consumer()`.
     """
 
@@ -94,7 +95,7 @@ class Outbox:
 
     def flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, None
-        if outbox and self.outbox_writable():
+        if outbox:
             self.write_out(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     # -- IPushProducer: Twisted tells us when the peer's socket buffer is full ----------

@@ -254,7 +254,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def deliver(self, frame: PreparedMessage) -> None:
         """The registry's Member interface: queue an already framed message (framed once
         for all of its recipients); it goes out at the end of this reactor turn."""
-        if not self.is_open_now:
+        if self.state != self.STATE_OPEN:
             return
         data = frame_bytes(frame)
         self.factory.registry.stats.bytesSent += len(data)
@@ -282,15 +282,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         return self.state != self.STATE_CLOSED
 
     def write_out(self, data: bytes) -> None:
-        write_now(self.transport, data)
-
-    @property
-    def flusher(self) -> TurnFlusher:
-        return self.factory.flusher
-
-    @property
-    def max_send_buffer(self) -> int:
-        return self.factory.config.max_send_buffer
+        if self.state != self.STATE_CLOSED:
+            write_now(self.transport, data)
 
     def slow_consumer(self) -> None:
         self._log.info("{connection_id} is not reading: closed as a slow consumer",
@@ -335,3 +328,6 @@ class RelayServerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
         self.protocol = protocol_class_for(self, RelayServerProtocol)
+        # What the outbox reads on every send, on the class (not on each connection).
+        self.protocol.flusher = self.flusher
+        self.protocol.max_send_buffer = config.max_send_buffer
