@@ -170,8 +170,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         self.watch_send_buffer()
         self.forget_handshake()
         self.connection_id = secrets.token_hex(8)
-        self._limiter = TokenBucket(config.rate_limit, config.rate_window,
-                                    factory.clock.seconds(), config.rate_burst)
+        self._limiter = factory.bucket(factory.clock.seconds())
         self._joined = True
         factory.registry.join(self, room_id)
 
@@ -312,6 +311,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.flusher = TurnFlusher(clock)
+        self.bucket = TokenBucket.rule(config.rate_limit, config.rate_window,
+                                       config.rate_burst)
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
         self.unknown_peer_error = messages.error(messages.UNKNOWN_PEER,
                                                  messages.UNKNOWN_PEER_MESSAGE)

@@ -22,16 +22,25 @@ from __future__ import annotations
 
 
 class TokenBucket:
-    """At most `limit` frames per `window` seconds on average, `burst` at once."""
+    """At most `limit` frames per `window` seconds on average, `burst` at once.
 
-    __slots__ = ("_refused", "_window_start", "burst", "flooded_windows", "limit",
-                 "tokens", "window")
+    The three numbers are the same for every connection: `TokenBucket.rule(...)` makes a
+    subclass holding them, so that each connection's bucket holds only its own state.
+    """
 
-    def __init__(self, limit: int, window: float, now: float, burst: int | None = None
-                 ) -> None:
-        self.limit = limit
-        self.window = window
-        self.burst = burst or limit
+    __slots__ = ("_refused", "_window_start", "flooded_windows", "tokens")
+    limit: int = 100
+    window: float = 1.0
+    burst: int = 100
+
+    @classmethod
+    def rule(cls, limit: int, window: float, burst: int | None = None
+             ) -> type[TokenBucket]:
+        """The bucket class for `limit` frames per `window` s, `burst` (or `limit`) at once."""
+        return type(cls.__name__, (cls,), {"__slots__": (), "limit": limit, "window": window,
+                                           "burst": burst or limit})
+
+    def __init__(self, now: float) -> None:
         self.tokens = self.burst
         self._window_start = now
         self._refused = 0
