@@ -49,7 +49,28 @@ _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 # Autobahn's record of the opening handshake, unused once the connection is open.
 _HANDSHAKE_STATE = ("http_request_data", "http_headers", "http_status_line",
                     "http_request_uri", "http_request_path", "http_request_params",
-                    "http_request_host", "http_response_data", "websocket_origin")
+                    "http_request_host", "http_response_data", "websocket_origin", "_wskey")
+
+# Per-connection attributes Autobahn sets on every connection, and what they nearly
+# always hold once it is open. As class attributes, an open connection need not carry
+# them in its own __dict__ (see LeanServerProtocol.forget_handshake).
+_OPEN_DEFAULTS: dict[str, Any] = {
+    **dict.fromkeys(_HANDSHAKE_STATE),
+    **dict.fromkeys((
+        "_perMessageCompress", "autoPingPending", "autoPingPendingSent",
+        "autoPingPendingCall", "autoPingTimeoutCall", "closeHandshakeTimeoutCall",
+        "current_frame", "localCloseCode", "localCloseReason", "openHandshakeTimeoutCall",
+        "remoteCloseCode", "remoteCloseReason", "trackedTimings", "wasNotCleanReason",
+        "websocket_protocol_in_use")),
+    **dict.fromkeys((
+        "closedByMe", "droppedByMe", "failedByMe", "inside_message", "triggered",
+        "wasClean", "wasCloseHandshakeTimeout", "wasMaxFramePayloadSizeExceeded",
+        "wasMaxMessagePayloadSizeExceeded", "wasOpenHandshakeTimeout",
+        "wasServerConnectionDropTimeout", "wasServingFlashSocketPolicyFile"), False),
+    "autoPingPendingSeq": 0,
+    "send_state": 0,
+    "send_queue": (),
+}
 
 # (where, attribute): class attributes and methods, checked with hasattr.
 _RELIED_ON: tuple[tuple[Any, str], ...] = (
@@ -188,11 +209,18 @@ class LeanServerProtocol(WebSocketServerProtocol):
 
     def forget_handshake(self) -> None:
         """Drop the opening request Autobahn keeps (raw bytes, headers, URI): ~1 KB a
-        connection that nothing reads once the socket is open."""
+        connection that nothing reads once the socket is open. Then rebuild the
+        connection's __dict__ without the ~40 attributes that hold their class's value
+        (None, False, 0: `_OPEN_DEFAULTS`): Autobahn set ~65 attributes one by one, and a
+        dict never shrinks; reads fall back to the class, a later write adds it back.
+        ~750 bytes less a connection."""
         state = self.__dict__
         for name in _HANDSHAKE_STATE:
             if name in state:
                 state[name] = None
+        cls = type(self)
+        self.__dict__ = {name: value for name, value in state.items()
+                         if getattr(cls, name, state) is not value}
 
     @property
     def is_open_now(self) -> bool:
@@ -296,6 +324,11 @@ class LeanServerProtocol(WebSocketServerProtocol):
             return
         self.before_write()
         super().sendData(data, sync, chopsize)
+
+
+for _name, _value in _OPEN_DEFAULTS.items():
+    if not hasattr(LeanServerProtocol, _name):
+        setattr(LeanServerProtocol, _name, _value)
 
 
 def protocol_class_for(factory: WebSocketServerFactory,

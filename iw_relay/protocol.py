@@ -168,6 +168,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
             self.close(messages.CLOSE_POLICY_VIOLATION, messages.ROOM_FULL_MESSAGE)
             return
         self.watch_send_buffer()
+        self._requested_room = self._token = None
         self.forget_handshake()
         self.connection_id = secrets.token_hex(8)
         self._limiter = factory.bucket(factory.clock.seconds())

@@ -175,3 +175,16 @@ def test_pongs_answering_nothing_are_not_logged_one_by_one(make_relay):
         globalLogPublisher.removeObserver(events.append)
     assert not [e for e in events if "pong" in str(e.get("log_format", "")).lower()]
     assert relay.servers[0].autoPingPending  # (still pending: the real pong never came)
+
+
+def test_an_open_connection_carries_only_what_differs_from_its_class(relay):
+    client = relay.join()
+    server = relay.servers[0]
+    state = vars(server)
+    assert len(state) < 30  # Autobahn sets ~65
+    assert not set(state) & set(_autobahn._OPEN_DEFAULTS)
+    assert server.wasClean is False and server.http_request_uri is None  # from the class
+    client.sendClose(1000)
+    relay.flush()
+    assert server.wasClean is True and vars(server)["wasClean"] is True  # written back
+    assert type(server).wasClean is False
