@@ -235,13 +235,18 @@ OPTIONS: tuple[Option, ...] = (
            "tls:/etc/iwrelay/certs:port=443. Repeatable: every port serves the same rooms.",
            "ENDPOINT", "list", shown_default="tcp:$PORT if PORT is set, else tcp:3000"),
     Option("rate-limit", "rate_limit", parse_positive_int, "100",
-           "Messages per rate window per connection; the excess is dropped with "
-           "RATE_LIMIT_EXCEEDED.", "N"),
+           "Frames (messages, pings, pongs, continuation frames) per rate window per "
+           "connection; excess messages are dropped with RATE_LIMIT_EXCEEDED.", "N"),
     Option("rate-window", "rate_window", _positive_duration, "1s",
-           "Length of the rate-limit window.", "DURATION"),
+           "Length of the rate-limit window: the allowance is refilled once per window.",
+           "DURATION"),
+    Option("rate-burst", "rate_burst", parse_count, "0",
+           "Frames a quiet connection may send at once: unused allowance is saved up to "
+           "this many, so an editor can flush what it queued offline; 0 is the same as "
+           "--rate-limit (the original's fixed window).", "N"),
     Option("flood-windows", "flood_windows", parse_count, "10",
-           "Consecutive rate windows over the limit before the sender is closed with "
-           "1008; 0 never closes.", "N"),
+           "Rate windows over the limit, less those within it, before the sender is "
+           "closed with 1008; 0 never closes.", "N"),
     Option("room-expiry", "room_expiry", _positive_duration, "24h",
            "Room lifetime, counted from its creation.", "DURATION"),
     Option("cleanup-interval", "cleanup_interval", _positive_duration, "1h",
@@ -340,6 +345,8 @@ class RelayConfig:
     ports: tuple[str, ...] = _default("port")
     rate_limit: int = _default("rate-limit")
     rate_window: float = _default("rate-window")
+    #: Token-bucket capacity: frames a quiet connection may send at once; 0 = rate_limit.
+    rate_burst: int = _default("rate-burst")
     room_expiry: float = _default("room-expiry")
     cleanup_interval: float = _default("cleanup-interval")
     max_message_size: int = _default("max-message-size")
@@ -394,6 +401,8 @@ class RelayConfig:
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "
                              "redis_queue_size must be >= 1")
+        if self.rate_burst and self.rate_burst < self.rate_limit:
+            raise ValueError("rate_burst must be 0 (= rate_limit) or at least rate_limit")
         if self.turn_ttl <= 0:
             raise ValueError("turn_ttl must be longer than zero")
         if bool(self.turn_uris) != (self.turn_secret is not None):

@@ -1,5 +1,5 @@
-"""A lean path for the frame clients send nearly always: one whole, masked, unfragmented
-text or binary frame of under 64 KiB, with no reserved bits.
+"""A lean path (taken by _autobahn.py only) for the frame clients send nearly always: one
+whole, masked, unfragmented text or binary frame of under 64 KiB, with no reserved bits.
 
 Autobahn's general frame machinery (masker objects, per-frame callbacks, futures) is most
 of the CPU the relay spends per message. `next_simple_frame` recognises the common frame

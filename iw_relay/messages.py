@@ -16,6 +16,12 @@ INVALID_MESSAGE = "INVALID_MESSAGE"
 RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
 ROOM_FULL = "ROOM_FULL"
 UNKNOWN_PEER = "UNKNOWN_PEER"
+RESERVED_TYPE = "RESERVED_TYPE"
+
+# Types only the server sends: a client sending one could impersonate the server (a forged
+# ``connected`` or ``user-left``), so such a message is refused and never relayed.
+RESERVED_TYPES = frozenset({"connected", "user-joined", "user-left", "room-expired",
+                            "server-shutdown", "error"})
 
 # WebSocket close codes used by the relay.
 CLOSE_NORMAL = 1000
@@ -39,6 +45,7 @@ SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
 INVALID_MESSAGE_MESSAGE = "Message must have a type field"
 UNKNOWN_PEER_MESSAGE = "No such peer in this room"
+RESERVED_TYPE_MESSAGE = "Message type is reserved for the server"
 
 
 class MessageError(Exception):
@@ -84,6 +91,8 @@ def decode_client_message(payload: bytes) -> dict[str, Any]:
     kind = message.get("type")
     if not isinstance(kind, str) or not kind:
         raise MessageError(INVALID_MESSAGE, INVALID_MESSAGE_MESSAGE)
+    if kind in RESERVED_TYPES:
+        raise MessageError(RESERVED_TYPE, RESERVED_TYPE_MESSAGE)
     return message
 
 

@@ -21,6 +21,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from iw_relay import logs
+from iw_relay._autobahn import tune_autobahn
 from iw_relay.config import (
     FLAG_OPTIONS,
     LIST_OPTIONS,
@@ -284,6 +285,7 @@ def makeService(options: Options) -> IService:
     config = options.config
     assert config is not None, "parseOptions() makes the config"
     logs.quiet_autobahn()
+    tune_autobahn()  # process-wide: only the plugin, not an application embedding the relay
     raise_open_files_limit()
     warn_of_certificates_without_san(config)
     service = TwistdRelayService(config)

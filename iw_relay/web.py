@@ -152,7 +152,7 @@ class RelayResource(Resource):
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
         if is_websocket_upgrade(request):
-            _make_uri_relative(request, [name, *request.postpath])
+            _make_uri_relative(request, len(request.prepath) - 1)
             return self._websocket
         # /health, /stats and the optional pages (/ice-servers, /demo; /demo/ too).
         if not request.postpath or request.postpath == [b""]:
@@ -164,14 +164,18 @@ class RelayResource(Resource):
     def render(self, request: Request) -> bytes | int:
         """The mount point itself, reached without a trailing slash."""
         if is_websocket_upgrade(request):
-            _make_uri_relative(request, [])
+            _make_uri_relative(request, None)
             return self._websocket.render(request)
         return self._not_found.render(request)
 
 
-def _make_uri_relative(request: Request, segments: list[bytes]) -> None:
-    _, question, query = request.uri.partition(b"?")
-    request.uri = b"/" + b"/".join(segments) + question + query
+def _make_uri_relative(request: Request, mount_depth: int | None) -> None:
+    """Drop the mount point's `mount_depth` leading segments (None: the whole path) from
+    the request target, keeping the rest as the client sent it (still percent-encoded:
+    the room id is read from the raw target)."""
+    path, question, query = request.uri.partition(b"?")
+    kept = [] if mount_depth is None else path.split(b"/")[1 + mount_depth:]
+    request.uri = b"/" + b"/".join(kept) + question + query
 
 
 class RelaySite(Site):

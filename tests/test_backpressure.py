@@ -2,10 +2,14 @@
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 
 from iw_relay.config import RelayConfig
+from tests import rawws
 from tests.clients import join
+from tests.test_twistd import until
 
 MAX_SEND_BUFFER = 256 * 1024
 PAD = "x" * 32 * 1024
@@ -58,3 +62,41 @@ async def test_stalled_reader_is_dropped_and_others_lose_nothing(server):
         client.sendClose(1000)
         await client.closed
 
+
+
+class NonReadingPinger(Protocol):
+    """Upgrades, sends `count` full-size pings at once, and never reads a byte."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.count = count
+        self.lost = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.head = b""
+        self.transport.write(rawws.request_head(self.port, "/room/pinger"))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.head += data
+        if b"\r\n\r\n" in self.head:  # upgraded: from now on, never read again
+            self.transport.pauseProducing()
+            self.transport.write(rawws.frame(rawws.PING, b"p" * 125) * self.count)
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pongs_to_a_peer_that_does_not_read_are_bounded_like_relayed_frames(serve):
+    """Pongs used to be written outside the backlog: a pinger that never read made the
+    server buffer without bound. Now they count against --max-send-buffer (1013)."""
+    service, port = await serve(RelayConfig(ping_interval=0, rate_limit=10_000_000,
+                                            max_send_buffer=64 * 1024))
+    pinger = NonReadingPinger(port, 100_000)  # 12.7 MB of pongs: more than sockets hold
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), pinger)
+    registry = service.registry
+    # (The pinger reads nothing: only the server side can tell that it was closed.)
+    await until(lambda: registry.stats.slowConsumersDropped == 1
+                and registry.connections.total == 0, "the pinger to be dropped", 14)
+    pinger.transport.abortConnection()
+    await pinger.lost

@@ -94,14 +94,17 @@ def flood_one_window(relay, client, count):
 def test_sustained_flood_is_closed_but_a_burst_is_not(make_relay):
     relay = make_relay(config(rate_limit=3, flood_windows=4))
     flooder, bursty, watcher = relay.join(), relay.join(), relay.join()
-    flood_one_window(relay, bursty, 10)   # one burst window...
+    # (under twice the limit a window: past that, reading pauses and the rest of a
+    # window's frames are read in the next one; test_reading_pauses_... covers that)
+    flood_one_window(relay, bursty, 5)   # one burst window...
     for _ in range(5):
         flood_one_window(relay, bursty, 2)   # ...then within the limit
     assert bursty.close_code is None
     for _ in range(3):
-        flood_one_window(relay, flooder, 10)
+        flood_one_window(relay, flooder, 5)
     assert flooder.close_code is None
-    flood_one_window(relay, flooder, 10)  # the fourth consecutive window over the limit
+    flood_one_window(relay, flooder, 5)  # the fourth consecutive window over the limit
+    relay.advance(2.0)  # (its close handshake times out: a flooder is no longer read)
     assert (flooder.close_code, flooder.close_reason) == (1008, "Rate limit exceeded")
     assert watcher.close_code is None
 
@@ -110,10 +113,10 @@ def test_an_idle_window_breaks_a_flood(make_relay):
     relay = make_relay(config(rate_limit=3, flood_windows=3))
     client = relay.join()
     for _ in range(2):
-        flood_one_window(relay, client, 10)
+        flood_one_window(relay, client, 5)
     relay.advance(5)  # quiet for a while
     for _ in range(2):
-        flood_one_window(relay, client, 10)
+        flood_one_window(relay, client, 5)
     assert client.close_code is None
 
 
@@ -289,3 +292,43 @@ class LostNotifier(Protocol):
 
     def connectionLost(self, reason):
         self.lost.callback(None)
+
+
+def test_reading_pauses_for_the_rest_of_a_window_once_twice_over_the_limit(make_relay):
+    relay = make_relay(config(rate_limit=3, flood_windows=0))
+    sender, watcher = relay.join(), relay.join()
+    for n in range(10):
+        sender.send_json({"type": "op", "n": n})
+    relay.flush()
+    server = relay.servers[0]
+    # 3 relayed, 3 refused; the other 4 wait unread until the window ends.
+    assert [m["n"] for m in watcher.messages_of("op")] == [0, 1, 2]
+    assert relay.registry.stats.rateLimitsHit == 3
+    assert server.data
+    relay.advance(0.5)
+    assert len(watcher.messages_of("op")) == 3
+    relay.advance(0.5)  # the next window: its allowance goes to the oldest waiting frames
+    assert [m["n"] for m in watcher.messages_of("op")] == [0, 1, 2, 6, 7, 8]
+    assert relay.registry.stats.rateLimitsHit == 4
+    assert not server.data
+
+
+def test_pings_over_the_limit_get_no_pong_and_count_as_a_flood(make_relay):
+    relay = make_relay(config(rate_limit=3, flood_windows=2))
+    pinger, watcher = relay.join(), relay.join()
+    pongs = []
+    pinger.onPong = pongs.append
+    for n in range(5):
+        pinger.sendPing(b"%d" % n)
+    relay.flush()
+    assert pongs == [b"0", b"1", b"2"]
+    assert [e["code"] for e in pinger.messages_of("error")] == ["RATE_LIMIT_EXCEEDED"]
+    relay.advance(1.0)
+    for n in range(5):
+        pinger.sendPing(b"%d" % n)
+    relay.flush()
+    # Nothing more is read from a flooder once it is closed: the close handshake ends
+    # when its timeout (2 s) drops the connection.
+    relay.advance(2.1)
+    assert (pinger.close_code, pinger.close_reason) == (1008, "Rate limit exceeded")
+    assert watcher.close_code is None

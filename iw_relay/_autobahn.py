@@ -1,0 +1,403 @@
+"""Every reach into Autobahn's or Twisted's internals, in one module.
+
+`LeanServerProtocol` is Autobahn's server protocol made cheaper and stricter for the
+relay; protocol.py subclasses it and only implements the relay's own logic. What it
+relies on that Autobahn or Twisted do not document is listed in `_RELIED_ON` and checked
+when this module is imported: an Autobahn release that renames any of it fails at start
+with an ImportError naming the attribute, not silently under load.
+
+- The lean frame path (fastframe.py): whole, masked, small text/binary frames are parsed
+  here and handed to onMessage; anything else goes to Autobahn's parser.
+- Control and continuation frames are put to `frame_allowed()` (the rate limit) before
+  Autobahn handles them; a refused ping or pong is dropped unread (no pong goes back).
+  A pong that answers no ping of ours is passed on without Autobahn's warning per pong.
+- `pause_reading()`: no frame is parsed, and the socket is not read, until it ends.
+- Autobahn's own writes other than the close frame (pongs) go to `queue_frame()`, so the
+  subclass bounds them like everything else it sends.
+- `close()` sends any close code (Autobahn's sendClose refuses 1008, 1011, 1013).
+- Memory: no per-connection send queue, no handshake record once open, and Autobahn's
+  ~30 options on a class of the factory's own instead of on every connection.
+- `write_now()` writes straight to a plain TCP socket when nothing waits before it.
+- `tune_autobahn()`: process-wide, opt-in (the twistd plugin calls it): Autobahn's debug
+  log arguments (pformat, hltype, hlval) are no longer built when nobody reads them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pprint
+from typing import Any
+
+import autobahn
+import txaio
+from autobahn import util
+from autobahn.twisted import websocket as twisted_websocket
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket import protocol as websocket_protocol
+from autobahn.websocket.protocol import PreparedMessage, TrafficStats, WebSocketProtocol
+from twisted.internet import abstract, tcp
+
+from iw_relay.fastframe import next_simple_frame
+
+#: The Autobahn releases this module was tested with (setup.py bounds the dependency).
+TESTED_AUTOBAHN = "26.10"
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSING = WebSocketProtocol.STATE_CLOSING
+_CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
+
+# Autobahn's record of the opening handshake, unused once the connection is open.
+_HANDSHAKE_STATE = ("http_request_data", "http_headers", "http_status_line",
+                    "http_request_uri", "http_request_path", "http_request_params",
+                    "http_request_host", "http_response_data", "websocket_origin", "_wskey")
+
+# Per-connection attributes Autobahn sets on every connection, and what they nearly
+# always hold once it is open. As class attributes, an open connection need not carry
+# them in its own __dict__ (see LeanServerProtocol.forget_handshake).
+_OPEN_DEFAULTS: dict[str, Any] = {
+    **dict.fromkeys(_HANDSHAKE_STATE),
+    **dict.fromkeys((
+        "_perMessageCompress", "autoPingPending", "autoPingPendingSent",
+        "autoPingPendingCall", "autoPingTimeoutCall", "closeHandshakeTimeoutCall",
+        "current_frame", "localCloseCode", "localCloseReason", "openHandshakeTimeoutCall",
+        "remoteCloseCode", "remoteCloseReason", "trackedTimings", "wasNotCleanReason",
+        "websocket_protocol_in_use")),
+    **dict.fromkeys((
+        "closedByMe", "droppedByMe", "failedByMe", "inside_message", "triggered",
+        "wasClean", "wasCloseHandshakeTimeout", "wasMaxFramePayloadSizeExceeded",
+        "wasMaxMessagePayloadSizeExceeded", "wasOpenHandshakeTimeout",
+        "wasServerConnectionDropTimeout", "wasServingFlashSocketPolicyFile"), False),
+    "autoPingPendingSeq": 0,
+    "send_state": 0,
+    "send_queue": (),
+}
+
+# (where, attribute): class attributes and methods, checked with hasattr.
+_RELIED_ON: tuple[tuple[Any, str], ...] = (
+    *((WebSocketServerProtocol, name) for name in (
+        "CONFIG_ATTRS", "processData", "consumeData", "onFrameBegin", "processControlFrame",
+        "sendData", "sendCloseFrame", "_cancelAutoPingTimeoutCall", "_dataReceived",
+        "dataReceived", "connectionMade")),
+    *((TrafficStats(), name) for name in (
+        "incomingOctetsWireLevel", "incomingWebSocketFrames", "incomingWebSocketMessages")),
+    (PreparedMessage(b"{}", False, False, False), "payloadHybi"),
+    (abstract.FileDescriptor, "dataBuffer"),
+    (websocket_protocol, "pformat"),
+    *((module, name) for module in (websocket_protocol, twisted_websocket)
+      for name in ("hltype", "hlval")),
+    (util, "hltype"),
+    (util, "hlval"),
+)
+# (function, "self.<attribute> ="): instance attributes, checked in the source that sets
+# them (they exist only on a connected protocol).
+_SET_BY: tuple[tuple[Any, str], ...] = (
+    *((WebSocketProtocol._connectionMade, name) for name in (
+        "data", "send_queue", "trafficStats", "closedByMe", "localCloseCode",
+        "remoteCloseCode", "autoPingTimeoutCall", "autoPingPending")),
+    *((websocket_protocol.WebSocketServerProtocol.succeedHandshake, name)
+      for name in ("current_frame", "inside_message")),
+    (WebSocketProtocol.onFrameBegin, "control_frame_data"),
+    (websocket_protocol.WebSocketServerProtocol.processHandshake, "http_request_uri"),
+    (abstract.FileDescriptor.__init__, "_tempDataBuffer"),
+    (tcp.Connection.__init__, "socket"),
+)
+
+
+def check_internals() -> None:
+    """ImportError naming the first internal attribute this module relies on that the
+    installed Autobahn or Twisted does not have."""
+    missing = [f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
+               for owner, name in _RELIED_ON if not hasattr(owner, name)]
+    for function, name in _SET_BY:
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):  # no source installed: trust the class checks
+            continue
+        if f"self.{name} =" not in source and f"self.{name}:" not in source:
+            missing.append(f"{function.__qualname__} setting self.{name}")
+    if missing:
+        raise ImportError(
+            f"iw_relay._autobahn was tested with Autobahn {TESTED_AUTOBAHN}.x; the "
+            f"installed Autobahn {autobahn.__version__} (or Twisted) lacks: "
+            + ", ".join(missing))
+
+
+check_internals()
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write `data`, straight to the socket when nothing is waiting before it.
+
+    Twisted's write() only buffers: the bytes leave at the next reactor turn, after two
+    epoll_ctl calls (start and stop watching for writability) per connection per turn.
+    Sending at once when the buffer is empty skips both; what the socket does not take
+    goes through transport.write() as usual, behind nothing, so the order is kept.
+    """
+    # Only a plain TCP connection: a TLS transport would pass `.socket` through to the
+    # TCP one underneath, and plaintext would go out on it.
+    if (type(transport) is tcp.Server and transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, EINTR, or a broken connection Twisted will report
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def set_tcp_nodelay(transport: object) -> None:
+    """Turn Nagle off; Autobahn tries too early and silently fails (40 ms stalls)."""
+    while transport is not None:
+        setter = getattr(transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:  # not a TCP socket (e.g. a UNIX socket)
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+
+
+class LeanServerProtocol(WebSocketServerProtocol):
+    """Autobahn's server protocol with the relay's lean paths (see the module)."""
+
+    #: Take simple frames on the lean path; False leaves every frame to Autobahn.
+    fast_frames = True
+    #: Send through the subclass's queue (queue_frame, write_out); False leaves every
+    #: write to Autobahn as it comes (tests compare the two).
+    lean_writes = True
+    _reading_paused = False
+    _resume_call: Any = None
+    _frame_refused = False  # the control frame being read was refused by frame_allowed()
+
+    # -- hooks for the subclass ---------------------------------------------------------
+
+    def frame_allowed(self) -> bool:
+        """Called for each control (but close) and continuation frame of an open
+        connection; False drops a ping or pong unread."""
+        return True
+
+    def queue_frame(self, data: bytes) -> bool:
+        """Take one of Autobahn's own frames (a pong) to send it; False: write it now."""
+        return False
+
+    def before_write(self) -> None:
+        """Called before Autobahn writes directly (handshake, close frame)."""
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_tcp_nodelay(self.transport)
+        # Autobahn queues only "sync" and chopped sends, which the relay never makes; an
+        # empty tuple instead of its deque saves ~700 bytes a connection.
+        self.send_queue = ()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self._resume_call is not None:
+            self._resume_call.cancel()
+            self._resume_call = None
+        super().connectionLost(reason)
+
+    @property
+    def request_target(self) -> str:
+        """The request target exactly as received (during the opening handshake)."""
+        return self.http_request_uri
+
+    def forget_handshake(self) -> None:
+        """Drop the opening request Autobahn keeps (raw bytes, headers, URI): ~1 KB a
+        connection that nothing reads once the socket is open. Then rebuild the
+        connection's __dict__ without the ~40 attributes that hold their class's value
+        (None, False, 0: `_OPEN_DEFAULTS`): Autobahn set ~65 attributes one by one, and a
+        dict never shrinks; reads fall back to the class, a later write adds it back.
+        ~750 bytes less a connection."""
+        state = self.__dict__
+        for name in _HANDSHAKE_STATE:
+            if name in state:
+                state[name] = None
+        cls = type(self)
+        self.__dict__ = {name: value for name, value in state.items()
+                         if getattr(cls, name, state) is not value}
+
+    @property
+    def is_open_now(self) -> bool:
+        return self.state == _OPEN
+
+    @property
+    def close_code(self) -> int | None:
+        """The code this side sent when it closed first, else the peer's (1006: dropped)."""
+        return self.localCloseCode if self.closedByMe else self.remoteCloseCode
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any code (Autobahn's sendClose refuses 1008)."""
+        if self.state == _OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+
+    # -- reading ------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Take simple frames on the lean path; hand the rest to Autobahn."""
+        if (not self.fast_frames or self.state != _OPEN or self.data
+                or self.current_frame is not None or self.inside_message
+                or self._reading_paused):
+            super().dataReceived(data)
+            return
+        start = 0
+        # Both Autobahn limits are the same number (RelayServerFactory).
+        max_size = self.maxMessagePayloadSize
+        stats = self.trafficStats
+        while start < len(data) and self.state == _OPEN and not self._reading_paused:
+            frame = next_simple_frame(data, start, max_size)
+            if frame is None:
+                break
+            payload, is_binary, end = frame
+            # What Autobahn would have done for this frame, besides delivering it.
+            stats.incomingOctetsWireLevel += end - start
+            stats.incomingWebSocketFrames += 1
+            stats.incomingWebSocketMessages += 1
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
+            start = end
+            self.onMessage(payload, is_binary)
+        if start < len(data):
+            super().dataReceived(data[start:] if start else data)
+
+    def pause_reading(self, clock: Any, seconds: float | None) -> None:
+        """Parse nothing more and stop reading the socket for `seconds` on `clock`
+        (None: until the connection is dropped); TCP holds what the peer sends."""
+        if self._resume_call is not None:
+            self._resume_call.cancel()
+            self._resume_call = None
+        self._reading_paused = True
+        self.transport.pauseProducing()
+        if seconds is not None:
+            self._resume_call = clock.callLater(max(seconds, 0.0), self._resume_reading)
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def _resume_reading(self) -> None:
+        self._resume_call = None
+        self._reading_paused = False
+        if self.state in (_OPEN, _CLOSING):
+            self.transport.resumeProducing()
+            if self.data:
+                self.consumeData()  # what was read before the pause, then the socket
+
+    def processData(self) -> bool:
+        """Autobahn parses one frame per call: stop while reading is paused."""
+        if self._reading_paused:
+            return False
+        return super().processData()
+
+    def onFrameBegin(self) -> None:
+        opcode = self.current_frame.opcode
+        self._frame_refused = (opcode in (_CONTINUATION, _PING, _PONG)
+                               and self.state == _OPEN and not self.frame_allowed())
+        super().onFrameBegin()
+
+    def processControlFrame(self) -> bool:
+        if self._frame_refused and self.current_frame.opcode != _CLOSE:
+            self._frame_refused = False
+            self.control_frame_data = None
+            return True
+        if self.current_frame.opcode == _PONG and self.autoPingPending:
+            payload = b"".join(self.control_frame_data)
+            if payload != self.autoPingPending:
+                # Autobahn logs a warning for each such pong: a log flood on demand.
+                self.control_frame_data = None
+                self._onPong(payload)
+                return True
+        return super().processControlFrame()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's own writes: all but the close frame go to queue_frame() once open;
+        the rest (handshake, close frame) go out now, after before_write()."""
+        if (self.lean_writes and self.state == _OPEN and data and data[0] & 0x0F != _CLOSE
+                and self.queue_frame(data)):
+            return
+        self.before_write()
+        super().sendData(data, sync, chopsize)
+
+
+for _name, _value in _OPEN_DEFAULTS.items():
+    if not hasattr(LeanServerProtocol, _name):
+        setattr(LeanServerProtocol, _name, _value)
+
+
+def protocol_class_for(factory: WebSocketServerFactory,
+                       base: type[LeanServerProtocol]) -> type[LeanServerProtocol]:
+    """A subclass of `base` carrying `factory`'s Autobahn options as class attributes.
+
+    Autobahn copies ~30 options from the factory onto every connection, unless the
+    protocol class already has them: give them to a class of this factory's own, once,
+    rather than to each of thousands of connections.
+    """
+    options = {name: getattr(factory, name) for name in base.CONFIG_ATTRS}
+    # A function stored on a class becomes a method: keep callables (such as
+    # perMessageCompressionAccept) plain functions, as they were on the factory.
+    options = {name: staticmethod(value) if callable(value) else value
+               for name, value in options.items()}
+    options["__module__"] = base.__module__
+    return type(base.__name__, (base,), options)
+
+
+def prepare_frame(payload: bytes) -> PreparedMessage:
+    """Frame a text message once, for every recipient (server frames are unmasked)."""
+    return PreparedMessage(payload, False, False, False)
+
+
+def frame_bytes(frame: PreparedMessage) -> bytes:
+    """The wire bytes of a prepared (uncompressed) frame."""
+    return frame.payloadHybi
+
+
+# -- process-wide tuning (opt-in) -------------------------------------------------------
+
+_VERBOSE = ("debug", "trace")
+_debugging_when_tuned = False
+
+
+def _debugging() -> bool:
+    # Read once, in tune_autobahn(): these helpers run several times per message.
+    return _debugging_when_tuned
+
+
+def _pformat(obj: Any, *args: Any, **kwargs: Any) -> str:
+    return pprint.pformat(obj, *args, **kwargs) if _debugging() else ""
+
+
+def _hltype(obj: Any) -> str:
+    if _debugging():
+        return util.hltype(obj)
+    return getattr(obj, "__qualname__", type(obj).__qualname__)
+
+
+def _hlval(val: Any, *args: Any, **kwargs: Any) -> str:
+    return util.hlval(val, *args, **kwargs) if _debugging() else f"{val}"
+
+
+def tune_autobahn() -> None:
+    """Stop Autobahn from formatting debug-log arguments nobody reads (process-wide).
+
+    Autobahn builds the arguments of its debug log calls before the call, whatever the
+    log level: on every new connection it pretty-prints its whole configuration
+    (`pformat`), and it colours type names and values (`hltype`, `hlval`, through click)
+    on several paths: ~40% of the CPU spent per new connection. This replaces those
+    helpers, in the Autobahn modules the relay uses, by cheap equivalents that still give
+    plain text, and by the real ones whenever txaio's log level is debug or trace.
+    Idempotent; call it again after changing txaio's log level. It changes Autobahn for
+    the whole process, so the twistd plugin calls it and an embedding application may.
+    """
+    global _debugging_when_tuned
+    _debugging_when_tuned = txaio.get_global_log_level() in _VERBOSE
+    websocket_protocol.pformat = _pformat
+    for module in (websocket_protocol, twisted_websocket):
+        module.hltype = _hltype
+        module.hlval = _hlval

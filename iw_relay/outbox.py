@@ -1,0 +1,117 @@
+"""What a member is sent: one write per reactor turn, a bounded backlog, slow consumers.
+
+- Frames for a member are gathered during a reactor turn and written together at its
+  end (`TurnFlusher`): one write per member however many messages reached it.
+- The member is the producer registered on its own transport: Twisted pauses it when
+  the socket's buffer passes 64 KiB (the peer is not reading). While paused, frames
+  wait in a backlog; a backlog over --max-send-buffer makes the member a slow consumer
+  (the protocol closes it with 1013), so one stalled reader never makes the server
+  buffer without bound. Everything sent to a member goes through here: relayed
+  messages, replies to it, and pongs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+
+class TurnFlusher:
+    """Writes what members queued, once, at the end of the current reactor turn."""
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._dirty: list[Outbox] = []
+
+    def flush_later(self, member: Outbox) -> None:
+        if not self._dirty:
+            self._clock.callLater(0, self._flush)
+        self._dirty.append(member)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for member in dirty:
+            try:
+                member.flush_outbox()
+            except Exception:
+                self._log.failure("sending to {connection_id} failed",
+                                  connection_id=getattr(member, "connection_id", ""))
+
+
+@implementer(IPushProducer)
+class Outbox:
+    """Mixed into the protocol (no object of its own per connection: memory counts).
+
+    The protocol provides `transport`, `outbox_writable()` (False once closed),
+    `write_out(data)` (which writes nothing once closed), `flusher` (a TurnFlusher) and
+    `max_send_buffer` (class attributes: they are read on every send), and
+    `slow_consumer()`.
+    """
+
+    transport: Any
+    flusher: TurnFlusher
+    max_send_buffer: int
+    _paused = False
+    _outbox: list[bytes] | None = None  # frames waiting for the end of this reactor turn
+    _backlog: list[bytes] | None = None
+    _backlog_bytes = 0
+
+    def outbox_writable(self) -> bool:
+        raise NotImplementedError
+
+    def write_out(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def slow_consumer(self) -> None:
+        raise NotImplementedError
+
+    def watch_send_buffer(self) -> None:
+        """Become the transport's producer (under twisted.web's WebSocketResource the
+        HTTP channel still is)."""
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+
+    def enqueue(self, data: bytes) -> None:
+        """Send `data` after everything queued before it, within the backlog limit."""
+        if not self._paused:
+            if self._outbox is None:
+                self._outbox = [data]
+                self.flusher.flush_later(self)
+            else:
+                self._outbox.append(data)
+            return
+        if self._backlog is None:  # already over the limit: the member is closing
+            return
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        if self._backlog_bytes > self.max_send_buffer:
+            self._backlog, self._backlog_bytes = None, 0
+            self.slow_consumer()
+
+    def flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, None
+        if outbox:
+            self.write_out(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+
+    # -- IPushProducer: Twisted tells us when the peer's socket buffer is full ----------
+
+    def pauseProducing(self) -> None:
+        """The peer's socket buffer is full (called again on every write while it is)."""
+        if not self._paused:
+            self._paused = True
+            self._backlog = []
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        backlog, self._backlog, self._backlog_bytes = self._backlog, None, 0
+        if backlog and self.outbox_writable():
+            self.transport.write(b"".join(backlog))
+
+    def stopProducing(self) -> None:
+        self._backlog, self._backlog_bytes = None, 0
+

@@ -1,0 +1,190 @@
+"""iw_relay._autobahn: its import-time check, its opt-in process-wide tuning, and each
+lean path run against Autobahn's own (writes and their order, pongs, closes) on the same
+random scripts: what clients observe and what the relay counts must be the same.
+(tests/test_fastframe.py does the same for incoming frames.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from autobahn.twisted import websocket as twisted_websocket
+from autobahn.websocket import protocol as websocket_protocol
+from autobahn.websocket.protocol import WebSocketServerProtocol
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import iw_relay
+from iw_relay import _autobahn
+from iw_relay.config import RelayConfig
+from iw_relay.protocol import RelayServerProtocol
+from iw_relay.service import RelayService
+from tests.clients import MemoryRelay
+
+# -- the import-time check ---------------------------------------------------------------
+
+
+def test_the_installed_autobahn_has_everything_relied_on():
+    _autobahn.check_internals()
+
+
+def test_a_missing_class_attribute_fails_loudly(monkeypatch):
+    monkeypatch.setattr(_autobahn, "_RELIED_ON", (
+        *_autobahn._RELIED_ON, (WebSocketServerProtocol, "processDataRenamed")))
+    with pytest.raises(ImportError, match=r"26\.10.*WebSocketServerProtocol\."
+                                          r"processDataRenamed"):
+        _autobahn.check_internals()
+
+
+def test_a_missing_instance_attribute_fails_loudly(monkeypatch):
+    monkeypatch.setattr(_autobahn, "_SET_BY", (
+        *_autobahn._SET_BY, (websocket_protocol.WebSocketProtocol._connectionMade,
+                             "frame_parser_state")))
+    with pytest.raises(ImportError, match=r"_connectionMade setting self\."
+                                          r"frame_parser_state"):
+        _autobahn.check_internals()
+
+
+# -- process-wide tuning is opt-in ---------------------------------------------------------
+
+
+def test_building_the_relay_leaves_autobahn_as_it_was(monkeypatch):
+    originals = {(module, name): getattr(module, name)
+                 for module in (websocket_protocol, twisted_websocket)
+                 for name in ("hltype", "hlval")}
+    originals[(websocket_protocol, "pformat")] = websocket_protocol.pformat
+    for (module, name), value in originals.items():  # as if never tuned in this process
+        monkeypatch.setattr(module, name, getattr(_autobahn.util, name, value))
+    before = {key: getattr(*key) for key in originals}
+    RelayService(RelayConfig(ping_interval=0), listen=False)
+    assert {key: getattr(*key) for key in originals} == before
+    iw_relay.tune_autobahn()  # what the twistd plugin's makeService calls
+    assert websocket_protocol.pformat is _autobahn._pformat
+    assert twisted_websocket.hltype is _autobahn._hltype
+
+
+def test_the_twistd_plugin_tunes_autobahn():
+    from iw_relay import tap
+
+    assert "tune_autobahn" in tap.makeService.__code__.co_names
+
+
+# -- lean paths against Autobahn's own -------------------------------------------------------
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("send"), st.sampled_from("ab"), st.integers(0, 3)),
+    st.tuples(st.just("ping"), st.sampled_from("ab"), st.binary(max_size=20)),
+    st.tuples(st.just("junk"), st.sampled_from("ab")),          # an error reply
+    st.tuples(st.just("flush"),),
+    st.tuples(st.just("advance"), st.sampled_from([0.3, 1.0])),
+    st.tuples(st.just("close"), st.sampled_from("ab")),
+    st.tuples(st.just("shutdown"),),
+)
+
+
+def run(script, lean: bool) -> dict:
+    RelayServerProtocol.lean_writes = lean
+    relay = MemoryRelay(RelayConfig(ping_interval=0, rate_limit=4, flood_windows=2,
+                                    shutdown_timeout=1.0))
+    try:
+        clients = {"a": relay.join(), "b": relay.join()}
+        names = {c.received[0]["connectionId"]: name for name, c in clients.items()}
+        seen = {name: [] for name in clients}
+        for name, client in clients.items():
+            def on_message(payload, is_binary, name=name):
+                message = json.loads(payload)
+                message.pop("timestamp", None)
+                if "connectionId" in message:
+                    message["connectionId"] = names.get(message["connectionId"])
+                seen[name].append(("message", message))
+
+            client.onMessage = on_message
+            client.onPong = lambda payload, name=name: seen[name].append(("pong", payload))
+        for action, *args in script:
+            client = clients[args[0]] if args and args[0] in clients else None
+            if client is not None and client.state != client.STATE_OPEN:
+                continue
+            if action == "send":
+                for n in range(args[1]):
+                    client.send_json({"type": "op", "n": n})
+            elif action == "ping":
+                client.sendPing(args[1])
+            elif action == "junk":
+                client.sendMessage(b"not json")
+            elif action == "flush":
+                relay.flush()
+            elif action == "advance":
+                relay.advance(args[0])
+            elif action == "close":
+                client.sendClose(1000)
+            elif action == "shutdown":
+                relay.service.registry.stopService()
+        relay.flush()
+        relay.advance(3)
+        stats = relay.registry.stats
+        return {
+            "seen": seen,
+            "closes": {name: (c.close_code, c.close_reason) for name, c in clients.items()},
+            "counters": (stats.messagesRelayed, stats.disconnectionsTotal,
+                         stats.rateLimitsHit, stats.bytesReceived, stats.bytesSent),
+        }
+    finally:
+        relay.close()
+        RelayServerProtocol.lean_writes = True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ACTIONS, min_size=1, max_size=12))
+@example([("junk", "a"), ("ping", "a", b"x")])  # a pong after a queued reply
+@example([("send", "b", 2), ("ping", "a", b"p"), ("junk", "a"), ("flush",),
+          ("advance", 1.0), ("send", "a", 6), ("ping", "a", b"q")])  # a flood's close
+@example([("send", "a", 2), ("shutdown",), ("ping", "b", b"s")])
+def test_lean_writes_pongs_and_closes_behave_like_autobahns(script):
+    assert run(script, lean=True) == run(script, lean=False)
+
+
+def test_the_comparison_sees_pongs_order_and_closes():
+    """The runner observes what the property compares (so that it can fail)."""
+    result = run([("ping", "a", b"1"), ("send", "b", 2), ("ping", "a", b"2"),
+                  ("send", "a", 5), ("flush",), ("advance", 1.0), ("send", "a", 5),
+                  ("flush",)],
+                 lean=True)
+    seen_by_a = result["seen"]["a"]
+    assert ("pong", b"1") in seen_by_a and ("pong", b"2") in seen_by_a
+    assert [m["n"] for kind, m in seen_by_a if kind == "message" and m["type"] == "op"] == [
+        0, 1]
+    assert result["closes"]["a"] == (1008, "Rate limit exceeded")
+
+
+def test_pongs_answering_nothing_are_not_logged_one_by_one(make_relay):
+    """Autobahn warns once per pong that does not answer its pending ping: a client could
+    fill the log at will (up to its rate limit)."""
+    from twisted.logger import globalLogPublisher
+
+    relay = make_relay(RelayConfig(ping_interval=5, ping_timeout=4))
+    client = relay.join()
+    client.onPing = lambda payload: None  # it does not answer the server's pings
+    relay.advance(5)  # the server's ping is pending now
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for n in range(5):
+            client.sendPong(b"%d" % n)
+        relay.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "pong" in str(e.get("log_format", "")).lower()]
+    assert relay.servers[0].autoPingPending  # (still pending: the real pong never came)
+
+
+def test_an_open_connection_carries_only_what_differs_from_its_class(relay):
+    client = relay.join()
+    server = relay.servers[0]
+    state = vars(server)
+    assert len(state) < 30  # Autobahn sets ~65
+    assert not set(state) & set(_autobahn._OPEN_DEFAULTS)
+    assert server.wasClean is False and server.http_request_uri is None  # from the class
+    client.sendClose(1000)
+    relay.flush()
+    assert server.wasClean is True and vars(server)["wasClean"] is True  # written back
+    assert type(server).wasClean is False
