@@ -168,7 +168,7 @@ def error_response(status: int, body: bytes = b"",
 class Admission:
     """One connection's place in the ConnectionCounter, from accept until it closes."""
 
-    __slots__ = ("_counter", "key", "_released", "_websocket")
+    __slots__ = ("_counter", "_released", "_websocket", "key")
 
     def __init__(self, counter: ConnectionCounter, key: str | None) -> None:
         self._counter = counter
@@ -365,8 +365,6 @@ class FrontDoorFactory(Factory):
     """Builds a FrontDoor per accepted connection; shares the relay's Site, Autobahn
     factory and connection counter."""
 
-    noisy = False
-
     def __init__(self, site: Site, websocket: WebSocketServerFactory, registry: Any,
                  config: RelayConfig, clock: IReactorTime) -> None:
         self.site = site
@@ -377,6 +375,10 @@ class FrontDoorFactory(Factory):
         self.clock = clock
         self.proxies = proxy_networks(config.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
+
+    def logPrefix(self) -> str:
+        """The name in "RelaySite starting on 3000", the line operators already know."""
+        return "RelaySite"
 
     def buildProtocol(self, addr: IAddress) -> FrontDoor:
         return FrontDoor(self, addr)

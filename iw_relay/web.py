@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
-
-import re
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.http import HTTPChannel
