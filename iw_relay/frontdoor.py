@@ -51,7 +51,9 @@ REFUSAL_LINGER = 1.0
 _FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# host[:port]; also an IPv6 literal without brackets, as Autobahn's own client sends it.
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]*)(?::[0-9]*)?|[0-9A-Fa-f:.]+")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # Headers that mean one thing only once: a second copy is a smuggling attempt.
 _SINGLETONS = (b"host", b"content-length", b"transfer-encoding", b"upgrade", b"origin",
