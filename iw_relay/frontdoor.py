@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -48,17 +49,22 @@ REFUSAL_LINGER = 1.0
 # Control bytes, DEL, NEL (0x85) and a CR not followed by LF: Python's str.splitlines
 # (which Autobahn applies to the head, decoded as latin-1) breaks lines at \x0b \x0c
 # \x1c-\x1e \x85 and a bare CR, so such a byte could start a header nobody else saw.
-_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)")
+_FORBIDDEN = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, 0x85])
+# bytes.translate(None, _ALLOWED) deletes every allowed byte: what remains is forbidden.
+_ALLOWED = bytes(byte for byte in range(256) if byte not in _FORBIDDEN)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# One header line: a token, a colon, the value less surrounding blanks (no blank before
+# the colon, no folded continuation line).
+_HEADER_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\n]*)\n", re.M)
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 # host[:port]; also an IPv6 literal without brackets, as Autobahn's own client sends it.
 _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]*)(?::[0-9]*)?|[0-9A-Fa-f:.]+")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # Headers that mean one thing only once: a second copy is a smuggling attempt.
-_SINGLETONS = (b"host", b"content-length", b"transfer-encoding", b"upgrade", b"origin",
+_SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding", b"upgrade", b"origin",
                b"x-real-ip", b"sec-websocket-key", b"sec-websocket-version",
-               b"authorization")
+               b"authorization"))
 _PHRASES = {
     400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
     414: b"URI Too Long", 431: b"Request Header Fields Too Large",
@@ -116,32 +122,34 @@ def head_end(buffer: bytes, start: int = 0) -> int:
 
 def parse_head(head: bytes) -> RequestHead:
     """Parse a complete head (up to and including its empty line), strictly."""
-    if _FORBIDDEN.search(head):
-        raise HeadError(400)
-    lines = head.split(b"\n")[:-2]  # the empty line, and what follows its LF
-    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    if not lines:
-        raise HeadError(400)
-    if len(lines[0]) > MAX_REQUEST_LINE:
+    if head.translate(None, _ALLOWED) or head.count(b"\r") != head.count(b"\r\n"):
+        raise HeadError(400)  # a forbidden byte, or a CR that does not end a line
+    request_line, _, block = head.replace(b"\r\n", b"\n").partition(b"\n")
+    block = block[:-1]  # every header line, each ending in LF; the empty line dropped
+    if len(request_line) > MAX_REQUEST_LINE:
         raise HeadError(414)
-    if len(lines) - 1 > MAX_HEADERS:
+    lines = block.count(b"\n")
+    if lines > MAX_HEADERS:
         raise HeadError(431)
-    parts = lines[0].split(b" ")
+    parts = request_line.split(b" ")
     if len(parts) != 3:
         raise HeadError(400)
     method, target, version = parts
     if not _TOKEN.fullmatch(method) or version not in _VERSIONS or not _TARGET.fullmatch(
             target):
         raise HeadError(400)
+    fields = _HEADER_LINE.findall(block)
+    if len(fields) != lines:  # a line that is no "name: value" (a folded one, too)
+        raise HeadError(400)
     headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):  # also a folded line (leading space)
-            raise HeadError(400)
-        headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
-    for name in _SINGLETONS:
-        if len(headers.get(name, ())) > 1:
-            raise HeadError(400)
+    for name, value in fields:
+        name, value = name.lower(), value.rstrip(b" \t")
+        if name in headers:
+            if name in _SINGLETONS:
+                raise HeadError(400)
+            headers[name].append(value)
+        else:
+            headers[name] = [value]
     host = headers.get(b"host")
     if (host is None and version == b"HTTP/1.1") or (host and not _HOST.fullmatch(host[0])):
         raise HeadError(400)
@@ -274,8 +282,10 @@ class FrontDoor(Protocol):
         if head.is_upgrade:
             if head.method != b"GET":
                 self._refuse(HeadError(405, ((b"Allow", b"GET, HEAD"),)))
-                return
-            self._upgrade(buffer)
+            elif buffer.count(b"\n", 0, end) != buffer.count(b"\r\n", 0, end):
+                self._refuse(HeadError(400))  # RFC 6455 wants CRLF; so does Autobahn
+            else:
+                self._upgrade(buffer)
         else:
             self._http(buffer[:end])
 
@@ -285,8 +295,12 @@ class FrontDoor(Protocol):
         if admission is None or admission.key is not None:
             return True
         factory = self.factory
-        address = client_address(self._peer, _text(head.get(b"x-forwarded-for")),
-                                 _text(head.get(b"x-real-ip")), factory.proxies)
+        forwarded_for, real_ip = head.get(b"x-forwarded-for"), head.get(b"x-real-ip")
+        if forwarded_for is None and real_ip is None:
+            address = self._peer  # a local client, or a proxy that names no client
+        else:
+            address = client_address(self._peer, _text(forwarded_for), _text(real_ip),
+                                     factory.proxies)
         refusal = factory.refusal(address, check_total=False)
         if refusal is not None:
             admission.release()
@@ -298,9 +312,11 @@ class FrontDoor(Protocol):
 
     def _upgrade(self, raw: bytes) -> None:
         """Hand the exact bytes received to a new Autobahn protocol on this transport."""
-        self._cancel_deadline()
         transport = self.transport
         protocol = self.factory.websocket.buildProtocol(self._address)
+        # The head is complete and Autobahn answers it within this call: the front door's
+        # deadline has done the opening-handshake timer's job (it would cost a timer).
+        protocol.openHandshakeTimeout = 0
         admission, self._admission = self._admission, None
         admission.upgraded()
         protocol.admission = admission  # released when that protocol closes
@@ -308,6 +324,8 @@ class FrontDoor(Protocol):
             self._delegate = protocol
         protocol.makeConnection(transport)
         protocol.dataReceived(raw)
+        if protocol.state != WebSocketProtocol.STATE_CONNECTING:  # answered: 101 or refused
+            self._cancel_deadline()
 
     def _http(self, head: bytes) -> None:
         """The Site's channel on this transport, fed this one request; the Site closes
@@ -316,6 +334,8 @@ class FrontDoor(Protocol):
         channel = self.factory.site.buildProtocol(self._address)
         self._http_channel = channel
         channel.makeConnection(self.transport)
+        if head.count(b"\n") != head.count(b"\r\n"):  # twisted.web reads CRLF lines only
+            head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         channel.dataReceived(head)
 
     def _refuse_for_limit(self, reason: str) -> None:

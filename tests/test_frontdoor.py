@@ -168,6 +168,15 @@ async def test_a_line_breaking_byte_cannot_forge_x_forwarded_for(serve, byte):
     assert status(await exchange(port, upgrade())) == 101
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_upgrade_with_bare_lf_line_ends_is_refused(serve):
+    """Autobahn looks for CRLF CRLF: an LF-only upgrade would wait there for ever."""
+    _service, port = await serve(config())
+    assert status(await exchange(port, upgrade().replace(b"\r\n", b"\n"))) == 400
+    lf_health = b"GET /health HTTP/1.1\nHost: x\n\n"  # plain HTTP may use bare LF
+    assert status(await exchange(port, lf_health)) == 200
+
+
 # -- defect 5: request bodies ------------------------------------------------------------
 
 @pytest.mark.parametrize(("head", "sent"), [
