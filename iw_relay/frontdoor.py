@@ -26,6 +26,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -77,10 +78,12 @@ LIMIT_REASONS = {
     "max-connections-per-ip": b"Too many connections from this address",
 }
 
-# The one reach into Twisted internals: once the upgrade is handed over, the transport
-# delivers straight to Autobahn's protocol. A plain TCP connection calls `.protocol`; a
-# wrapper (TLS, the PROXY protocol) calls `.wrappedProtocol`. Checked here, at import.
+# The reaches into Twisted internals, checked here at import: once the upgrade is handed
+# over, the transport delivers straight to Autobahn's protocol (a plain TCP connection
+# calls `.protocol`; a wrapper, TLS or the PROXY protocol, calls `.wrappedProtocol`); and
+# a PROXY-protocol port is recognised by its wrapper's class (its module is private).
 assert issubclass(TLSMemoryBIOProtocol, ProtocolWrapper)
+assert issubclass(HAProxyProtocolWrapper, ProtocolWrapper)
 assert "protocol" in tcp.Connection.__init__.__code__.co_varnames
 
 
@@ -236,11 +239,12 @@ class FrontDoor(Protocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
-        peer = getattr(self.transport.getPeer(), "host", None) or "local"
-        self._peer = peer
+        peer = self._peer = _host(self.transport)
         # A trusted proxy's connections count in the total only until the head names the
-        # client; anyone else's count against its own address from the start.
-        key = None if factory.is_trusted_proxy(peer) else peer
+        # client, and so do those of a PROXY-protocol port until its header has named
+        # the client; anyone else's count against its own address from the start.
+        pending = factory.is_trusted_proxy(peer) or _behind_proxy_protocol(self.transport)
+        key = None if pending else peer
         refusal = factory.refusal(key, check_total=True)
         if refusal is not None:
             self._refuse_for_limit(refusal)
@@ -295,11 +299,12 @@ class FrontDoor(Protocol):
         if admission is None or admission.key is not None:
             return True
         factory = self.factory
+        peer = self._peer = _host(self.transport)  # a PROXY header's source by now
         forwarded_for, real_ip = head.get(b"x-forwarded-for"), head.get(b"x-real-ip")
-        if forwarded_for is None and real_ip is None:
-            address = self._peer  # a local client, or a proxy that names no client
+        if (forwarded_for is None and real_ip is None) or not factory.is_trusted_proxy(peer):
+            address = peer
         else:
-            address = client_address(self._peer, _text(forwarded_for), _text(real_ip),
+            address = client_address(peer, _text(forwarded_for), _text(real_ip),
                                      factory.proxies)
         refusal = factory.refusal(address, check_total=False)
         if refusal is not None:
@@ -377,6 +382,19 @@ class FrontDoor(Protocol):
             self._delegate.connectionLost(reason)
         elif channel is not None:
             channel.connectionLost(reason)
+
+
+def _host(transport: Any) -> str:
+    return getattr(transport.getPeer(), "host", None) or "local"
+
+
+def _behind_proxy_protocol(transport: Any) -> bool:
+    """A `haproxy:` port: the peer is the proxy until the PROXY header has been read."""
+    while transport is not None:
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def _text(value: bytes | None) -> str | None:

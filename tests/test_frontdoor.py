@@ -558,6 +558,37 @@ async def test_tls_through_the_front_door(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_proxy_protocol_port_counts_the_client_it_names():
+    from twisted.internet.endpoints import serverFromString
+
+    from iw_relay.service import RelayService
+
+    # Loopback is no trusted proxy here: the PROXY header alone names the client.
+    service = RelayService(config(max_connections_per_ip=1,
+                                  trusted_proxies=("192.0.2.0/24",)), listen=False)
+    service.startService()
+    listening = await serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(
+        service.front_door)
+    port = listening.getHost().port
+    try:
+        clients = []
+        for source in ("203.0.113.9", "203.0.113.10"):
+            client = await raw(port, f"PROXY TCP4 {source} 127.0.0.1 5555 {port}\r\n".encode()
+                               + upgrade())
+            assert status(await client.head.addTimeout(5, reactor)) == 101
+            clients.append(client)
+        assert dict(service.registry.connections.per_address) == {
+            "203.0.113.9": 1, "203.0.113.10": 1}
+        for client in clients:
+            client.transport.abortConnection()
+            await client.lost
+        await _until(lambda: service.registry.connections.total == 0)
+    finally:
+        await listening.stopListening()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ipv6_through_the_front_door():
     from twisted.internet.endpoints import TCP6ServerEndpoint
 
