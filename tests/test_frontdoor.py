@@ -505,6 +505,40 @@ async def test_a_mounted_relay_reads_the_room_id_undecoded(path):
         await relay.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_mounted_relay_refuses_line_breaking_header_bytes():
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from iw_relay.service import RelayService
+
+    relay = RelayService(config(), listen=False)
+    relay.startService()
+    root = Resource()
+    root.putChild(b"relay", relay.resource)
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
+    port = listening.getHost().port
+    try:
+        smuggled = b"X-Note: a\x85X-Forwarded-For: 198.51.100.66\r\n"
+        assert status(await exchange(port, upgrade(b"/relay/room/abc", smuggled))) == 400
+        assert status(await exchange(port, upgrade(b"/relay/room/abc"))) == 101
+        delete = b"DELETE /relay/health HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert status(await exchange(port, delete)) == 405
+    finally:
+        await listening.stopListening()
+        await relay.stopService()
+
+
+def test_the_security_page_is_valid_restructuredtext():
+    from pathlib import Path
+
+    docutils_core = pytest.importorskip("docutils.core", reason="docutils is not installed")
+    page = Path(__file__).parent.parent / "docs" / "security.rst"
+    docutils_core.publish_doctree(
+        page.read_text(), settings_overrides={"halt_level": 2, "report_level": 2})
+
+
 # -- the hand-over: TLS, IPv6, and nothing between the socket and Autobahn ---------------------
 
 @pytest_twisted.ensureDeferred
