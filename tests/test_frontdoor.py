@@ -211,6 +211,21 @@ class Trickler(Protocol):
         self.lost = True
 
 
+def test_limit_refusals_are_logged_by_limit_at_most_once_a_second(make_relay):
+    from twisted.logger import capturedLogs
+
+    relay = make_relay(config(max_connections_per_ip=1))
+    relay.join()
+    with capturedLogs() as events:
+        for _ in range(5):
+            relay.connect("/room/abc")
+        relay.advance(1.0)
+        relay.connect("/room/abc")
+    lines = [e for e in events if e.get("limit") == "max-connections-per-ip"]
+    assert [line["count"] for line in lines] == [1, 5]
+    assert relay.registry.refusals["max-connections-per-ip"] == 6
+
+
 def test_a_head_trickled_a_byte_at_a_time_is_dropped_at_the_deadline(make_relay):
     relay = make_relay(config(handshake_timeout=5))
     trickler = Trickler()
