@@ -43,14 +43,15 @@ _HELP = {
     "as a slow consumer [default: 1MiB].",
     "ping-interval": "Server WebSocket ping period; 0 disables [default: 30s].",
     "ping-timeout": "No pong by then: the peer is dropped [default: 10s].",
-    "handshake-timeout": "Longest time to complete the opening handshake [default: 10s].",
+    "handshake-timeout": "Deadline from accept for the request head to be complete and an "
+    "upgrade answered [default: 10s].",
     "shutdown-timeout": "Longest wait for clients to close on stop [default: 10s].",
     "log-level": "debug, info, warn or error [default: info].",
     "log-format": "text, or json: one JSON object per line [default: text].",
-    "max-connections": "Open WebSockets on the whole server; more are refused with HTTP "
-    "503 [default: 0, unlimited].",
-    "max-connections-per-ip": "Open WebSockets per client address; more are refused with "
-    "HTTP 503 [default: 64; 0 unlimited].",
+    "max-connections": "Open connections on the whole server, counted from accept; more "
+    "are refused with HTTP 503 [default: 0, unlimited].",
+    "max-connections-per-ip": "Open connections per client address, counted from accept; "
+    "more are refused with HTTP 503 [default: 64; 0 unlimited].",
     "max-room-size": "Members per room; a join over it gets ROOM_FULL and close 1008 "
     "[default: 0, unlimited].",
     "flood-windows": "Consecutive rate windows over the limit before the sender is closed "
@@ -103,7 +104,7 @@ class Options(usage.Options):
         self["allowed-origin"].append(origin)
 
     def opt_trusted_proxy(self, cidr: str) -> None:
-        """Proxy address or network (repeatable) whose X-Forwarded-For / X-Real-IP give the client address [default: none]."""  # noqa: E501
+        """Proxy address or network (repeatable) whose X-Forwarded-For / X-Real-IP give the client address [default: loopback, 127.0.0.0/8 and ::1]."""  # noqa: E501
         self["trusted-proxy"].append(cidr)
 
     def opt_turn_uri(self, uri: str) -> None:
