@@ -64,9 +64,10 @@ _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]*)(?::[0-9]*)?|[0-9A-Fa-f:.]+")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # Headers that mean one thing only once: a second copy is a smuggling attempt.
-_SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding", b"upgrade", b"origin",
-               b"x-real-ip", b"sec-websocket-key", b"sec-websocket-version",
-               b"authorization"))
+_SINGLETONS = frozenset((
+    b"host", b"content-length", b"transfer-encoding", b"upgrade", b"origin", b"x-real-ip",
+    b"sec-websocket-key", b"sec-websocket-version", b"authorization",
+))
 _PHRASES = {
     400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
     414: b"URI Too Long", 431: b"Request Header Fields Too Large",
@@ -236,6 +237,7 @@ class FrontDoor(Protocol):
         self._deadline: IDelayedCall | None = None
         self._admission: Admission | None = None
         self._delegate: Protocol | None = None  # forwarded to, when the swap was impossible
+        self._http_channel: Protocol | None = None
         self._done = False  # the head was dealt with: later bytes are not ours to read
 
     def connectionMade(self) -> None:
@@ -378,11 +380,10 @@ class FrontDoor(Protocol):
         if self._admission is not None:
             self._admission.release()
             self._admission = None
-        channel = getattr(self, "_http_channel", None)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
-        elif channel is not None:
-            channel.connectionLost(reason)
+        elif self._http_channel is not None:
+            self._http_channel.connectionLost(reason)
 
 
 def _host(transport: Any) -> str:
