@@ -238,6 +238,7 @@ class FrontDoor(Protocol):
         self._admission: Admission | None = None
         self._delegate: Protocol | None = None  # forwarded to, when the swap was impossible
         self._http_channel: Protocol | None = None
+        self._proxy_protocol = False
         self._done = False  # the head was dealt with: later bytes are not ours to read
 
     def connectionMade(self) -> None:
@@ -246,8 +247,8 @@ class FrontDoor(Protocol):
         # A trusted proxy's connections count in the total only until the head names the
         # client, and so do those of a PROXY-protocol port until its header has named
         # the client; anyone else's count against its own address from the start.
-        pending = factory.is_trusted_proxy(peer) or _behind_proxy_protocol(self.transport)
-        key = None if pending else peer
+        self._proxy_protocol = _behind_proxy_protocol(self.transport)
+        key = None if self._proxy_protocol or factory.is_trusted_proxy(peer) else peer
         refusal = factory.refusal(key, check_total=True)
         if refusal is not None:
             self._refuse_for_limit(refusal)
@@ -302,7 +303,9 @@ class FrontDoor(Protocol):
         if admission is None or admission.key is not None:
             return True
         factory = self.factory
-        peer = self._peer = _host(self.transport)  # a PROXY header's source by now
+        peer = self._peer
+        if self._proxy_protocol:
+            peer = self._peer = _host(self.transport)  # the PROXY header's source by now
         forwarded_for, real_ip = head.get(b"x-forwarded-for"), head.get(b"x-real-ip")
         if (forwarded_for is None and real_ip is None) or not factory.is_trusted_proxy(peer):
             address = peer
