@@ -261,7 +261,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ping-timeout", "ping_timeout", _positive_duration, "10s",
            "A peer that has not answered a ping by then is dropped.", "DURATION"),
     Option("handshake-timeout", "handshake_timeout", _positive_duration, "10s",
-           "Longest time a connection may take to complete its opening handshake.",
+           "Deadline, from accept, for a connection's request head to be complete and "
+           "its upgrade answered.",
            "DURATION"),
     Option("shutdown-timeout", "shutdown_timeout", _positive_duration, "10s",
            "On stop, longest wait for the clients to close.", "DURATION"),
@@ -273,10 +274,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-format", "log_format", _choice(LOG_FORMATS), "text",
            "text, or json: one JSON object per line.", "FORMAT"),
     Option("max-connections", "max_connections", parse_count, "0",
-           "Open WebSockets on the whole server; more are refused with HTTP 503. "
+           "Open connections on the whole server, counted from accept; more are refused "
+           "with HTTP 503. "
            "0 is unlimited.", "N"),
     Option("max-connections-per-ip", "max_connections_per_ip", parse_count, "64",
-           "Open WebSockets per client address; more are refused with HTTP 503. "
+           "Open connections per client address, counted from accept; more are refused "
+           "with HTTP 503. "
            "0 is unlimited.", "N"),
     Option("max-room-size", "max_room_size", parse_count, "0",
            "Members per room; a join over it gets ROOM_FULL and close 1008. "
@@ -287,7 +290,8 @@ OPTIONS: tuple[Option, ...] = (
            shown_default="none: any origin"),
     Option("trusted-proxy", "trusted_proxies", parse_cidr, None,
            "Proxy address or network whose X-Forwarded-For and X-Real-IP give the "
-           "client's address. Repeatable.", "CIDR", "list"),
+           "client's address. Repeatable; given, only these are trusted.", "CIDR", "list",
+           shown_default="loopback, 127.0.0.0/8 and ::1"),
     Option("auth-secret", "auth_secret", _secret, None,
            "HS256 secret: clients must pass ?token=JWT naming their room. Prefer "
            "--auth-secret-file: a command line is visible to other users.", "SECRET"),

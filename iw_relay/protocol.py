@@ -39,7 +39,6 @@ from iw_relay._autobahn import (
     write_now,
 )
 from iw_relay.admission import (
-    client_address,
     origin_allowed,
     parse_networks,
     token_allows,
@@ -90,7 +89,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     factory: RelayServerFactory
 
     connection_id: str = ""
-    client_address: str | None = None  # counted in the factory's ConnectionCounter
+    #: The front door's count of this connection (frontdoor.Admission), released on close.
+    admission: Any = None
     _requested_room: str | None = None
     _token: str | None = None
     _limiter: TokenBucket | None = None
@@ -108,34 +108,23 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
             raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR) from None
 
     def _admit(self, request: ConnectionRequest) -> None:
-        """Refuse over-limit and foreign-origin handshakes (HTTP 503 / 403); count the rest."""
+        """Refuse handshakes while draining and from foreign origins (HTTP 503 / 403).
+        Connection limits are the front door's (frontdoor.py): counted from accept."""
         factory = self.factory
-        config = factory.config
         headers = request.headers
-        peer = getattr(self.transport.getPeer(), "host", None) or "local"
-        address = client_address(peer,
-                                 headers.get("x-forwarded-for"), headers.get("x-real-ip"),
-                                 factory.trusted_proxies)
         if factory.registry.stopping:
             factory.registry.count_refused("shutting-down")
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Server shutting down")
         if not origin_allowed(headers.get("origin"), factory.allowed_origins):
             factory.registry.count_refused("origin")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
-        refusal = factory.registry.connections.refusal(address, config.max_connections,
-                                              config.max_connections_per_ip)
-        if refusal is not None:
-            factory.registry.count_refused(refusal)
-            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Too many connections")
-        self.client_address = address
-        factory.registry.connections.add(address)
         self._requested_room = requested_room(self.request_target)
         self._token = (request.params.get("token") or [None])[0]
 
     def connectionLost(self, reason: object = None) -> None:
-        if self.client_address is not None:
-            self.factory.registry.connections.remove(self.client_address)
-            self.client_address = None
+        if self.admission is not None:
+            self.admission.release()
+            self.admission = None
         super().connectionLost(reason)
 
     # -- join ---------------------------------------------------------------------------

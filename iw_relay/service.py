@@ -1,4 +1,4 @@
-"""RelayService: the RoomRegistry plus one listening Site per --port, as one service."""
+"""RelayService: the RoomRegistry plus one listening front door per --port, as one service."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from iw_relay.backplane.base import Backplane
 from iw_relay.backplane.local import LocalBackplane
 from iw_relay.config import RelayConfig
 from iw_relay.demo import DemoResource
+from iw_relay.frontdoor import FrontDoorFactory
 from iw_relay.ice import IceServersResource, ice_enabled
 from iw_relay.metrics import metrics_root
 from iw_relay.protocol import RelayServerFactory, prepare_frame
 from iw_relay.registry import RoomRegistry
-from iw_relay.web import RelayResource, RelaySite
+from iw_relay.web import FrontDoorSite, RelayResource, RelaySite
 
 TLS_PREFIXES = ("ssl:", "tls:")
 # Twisted listens with a backlog of 50: a burst of new clients overflows it, the kernel
@@ -63,7 +64,10 @@ def make_backplane(config: RelayConfig, clock: IReactorTime, reactor: object) ->
 class RelayService(MultiService):
     """Adopt it with `setServiceParent(application)`, or mount `.resource` in a Site.
 
-    With `listen=False` no port is opened: the embedding application serves `.resource`.
+    Each --port listens with `.front_door`, which hands upgrades to `.factory` (Autobahn)
+    and every other request to `.site`. With `listen=False` no port is opened: the
+    embedding application listens with `.front_door`, or serves `.resource` in its own
+    Site (then the connection limits are the application's to enforce).
     """
 
     def __init__(
@@ -85,9 +89,12 @@ class RelayService(MultiService):
         self.factory = RelayServerFactory(self.registry, config, clock, wall_clock)
         self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock,
                                       optional_pages(config, wall_clock))
-        # The Site's idle timeout is also the deadline for a request to arrive: a client that
-        # opens TCP and never sends its handshake (slowloris) is dropped after it.
-        self.site = RelaySite(self.resource, timeout=config.handshake_timeout, reactor=clock)
+        # The front door drops a connection whose request head is not complete by
+        # --handshake-timeout after accept; the Site's idle timeout bounds the answer.
+        self.site = FrontDoorSite(self.resource, timeout=config.handshake_timeout,
+                                  reactor=clock)
+        self.front_door = FrontDoorFactory(self.site, self.factory, self.registry, config,
+                                           clock)
         self._reactor = reactor
         self._listeners: dict[str, IService] = {}
         if listen:
@@ -99,7 +106,7 @@ class RelayService(MultiService):
                                  reactor=reactor).setServiceParent(self)
 
     def _listen(self, description: str) -> IService:
-        listener = strports.service(with_backlog(description), self.site,
+        listener = strports.service(with_backlog(description), self.front_door,
                                     reactor=self._reactor)
         listener.setServiceParent(self)
         return listener

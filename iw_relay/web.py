@@ -2,13 +2,15 @@
 
 Any request asking for a WebSocket upgrade, on any path, goes to the relay (an upgrade on
 /health without a room is a join without a room id, as in the original). Everything else
-is /health, /stats or the original's plain-text 404.
+is /health, /stats or the original's plain-text 404. Every answer carries
+``X-Content-Type-Options: nosniff``; every method but GET and HEAD is 405.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -16,12 +18,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from iw_relay.registry import RoomRegistry
 
 NOT_FOUND_TEXT = b"Impossible Writer Relay - Use WebSocket endpoint: ws://host/room/{roomId}"
+ALLOWED_METHODS = (b"GET", b"HEAD")
+SERVER_NAME = b"iw-relay"
+# A byte Autobahn's re-parse (latin-1, str.splitlines) would take for a line break.
+_LINE_BREAKING = re.compile(rb"[\x00\x0a-\x0d\x1c-\x1e\x85]")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -102,7 +109,8 @@ class StatsResource(Resource):
             "rateLimitsHit": stats.rateLimitsHit,
             "slowConsumersDropped": stats.slowConsumersDropped,
             "connectionsRefused": stats.connectionsRefused,
-            "openWebSockets": registry.connections.total,
+            "openWebSockets": registry.connections.websockets,
+            "openConnections": registry.connections.total,
             "trackedAddresses": len(registry.connections.per_address),
             "startTime": registry.start_time_ms,
             "currentRooms": len(registry.rooms),
@@ -123,6 +131,28 @@ class NotFoundResource(Resource):
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain")
         return NOT_FOUND_TEXT
+
+
+class PlainError(Resource):
+    """A short text/plain error page (405, 400) with optional extra headers."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, text: bytes, headers: dict[bytes, bytes] | None = None
+                 ) -> None:
+        super().__init__()
+        self._status, self._text, self._headers = status, text, headers or {}
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", b"text/plain")
+        for name, value in self._headers.items():
+            request.setHeader(name, value)
+        return self._text
+
+
+METHOD_NOT_ALLOWED = PlainError(405, b"Method Not Allowed", {b"allow": b"GET, HEAD"})
+BAD_REQUEST = PlainError(400, b"Bad Request")
 
 
 def is_websocket_upgrade(request: Request) -> bool:
@@ -151,6 +181,9 @@ class RelayResource(Resource):
         self._not_found = NotFoundResource()
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
+        refusal = _refusal(request)
+        if refusal is not None:
+            return refusal
         if is_websocket_upgrade(request):
             _make_uri_relative(request, len(request.prepath) - 1)
             return self._websocket
@@ -163,25 +196,86 @@ class RelayResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         """The mount point itself, reached without a trailing slash."""
+        refusal = _refusal(request)
+        if refusal is not None:
+            return refusal.render(request)
         if is_websocket_upgrade(request):
-            _make_uri_relative(request, None)
+            _make_uri_relative(request, len(request.prepath))
             return self._websocket.render(request)
         return self._not_found.render(request)
 
 
-def _make_uri_relative(request: Request, mount_depth: int | None) -> None:
-    """Drop the mount point's `mount_depth` leading segments (None: the whole path) from
-    the request target, keeping the rest as the client sent it (still percent-encoded:
-    the room id is read from the raw target)."""
+def _refusal(request: Request) -> Resource | None:
+    """nosniff on everything; 405 for a method other than GET or HEAD; 400 for an upgrade
+    whose headers Autobahn would split differently than twisted.web did (a relay mounted
+    in another Site; the front door refuses those before any Site sees them)."""
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    if request.method not in ALLOWED_METHODS:
+        return METHOD_NOT_ALLOWED
+    if is_websocket_upgrade(request) and any(
+            _LINE_BREAKING.search(name) or any(_LINE_BREAKING.search(v) for v in values)
+            for name, values in request.requestHeaders.getAllRawHeaders()):
+        return BAD_REQUEST
+    return None
+
+
+def _make_uri_relative(request: Request, mount_depth: int) -> None:
+    """Cut the `mount_depth` segments of the mount point off the URI, as the client sent
+    it: never rebuilt from decoded segments (``/room/a%2Fb`` stays that, and is refused
+    like the original refuses it)."""
     path, question, query = request.uri.partition(b"?")
-    kept = [] if mount_depth is None else path.split(b"/")[1 + mount_depth:]
-    request.uri = b"/" + b"/".join(kept) + question + query
+    segments = path.split(b"/")[1 + mount_depth:]
+    request.uri = b"/" + b"/".join(segments) + question + query
+
+
+class _HeadOf(Resource):
+    """Answers HEAD with `resource`'s headers and Content-Length, and no body: Twisted
+    would otherwise warn, with the whole URI, that a HEAD request returned a body."""
+
+    isLeaf = True
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__()
+        self._resource = resource
+
+    def render(self, request: Request) -> bytes | int:
+        body = self._resource.render(request)
+        if body is NOT_DONE_YET or not isinstance(body, bytes):
+            return body
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+
+
+class RelayRequest(Request):
+    """Says `Server: iw-relay` rather than Twisted's name and version."""
+
+    def render(self, resrc: Resource) -> None:
+        self.setHeader(b"server", SERVER_NAME)
+        if self.method == b"HEAD":
+            resrc = _HeadOf(resrc)
+        super().render(resrc)
+
+
+class OneRequestChannel(HTTPChannel):
+    """Closes the connection after one answer: the front door has read and checked that
+    one request head, and nothing after it."""
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
 
 
 class RelaySite(Site):
     """A Site that writes no access log: request paths carry room ids, which are secrets."""
 
     displayTracebacks = False
+    requestFactory = RelayRequest
 
     def log(self, request: Request) -> None:
         pass
+
+
+class FrontDoorSite(RelaySite):
+    """The relay's Site behind its front door (frontdoor.py): one request a connection."""
+
+    protocol = OneRequestChannel

@@ -117,21 +117,21 @@ class MemoryRelay:
         self.registry = self.service.registry
         self.pumps: list[iosim.IOPump] = []
         self.client_ip = "127.0.0.1"  # the address the next connection comes from
-        self.servers: list[Any] = []
+        self.doors: list[Any] = []
 
     def connect(self, path: str = "/room/abc", flush: bool = True, client: Any = None,
                 origin: str | None = None, headers: dict[str, str] | None = None,
                 through_site: bool = False) -> RelayClient:
-        """Connect a RelayClient for `path` (or the given protocol, e.g. a silent one),
-        to the WebSocket factory, or `through_site` to the whole HTTP Site."""
+        """Connect a RelayClient for `path` (or the given protocol, e.g. a silent one)
+        through the relay's front door, as a listening port does (`through_site` is
+        the same: kept for the tests that name it)."""
         if client is None:
             factory = client_factory(f"ws://127.0.0.1:3000{path}", origin, headers)
             client = factory.buildProtocol(None)
             # In memory, tests read close_code/close_reason: a refused handshake is no error.
             client.opened.addErrback(lambda failure: None)
         peer = IPv4Address("TCP", self.client_ip, 40000 + len(self.pumps))
-        server_factory = self.service.site if through_site else self.service.factory
-        server = server_factory.buildProtocol(peer)
+        server = self.service.front_door.buildProtocol(peer)
         server_address = IPv4Address("TCP", "127.0.0.1", 3000)
         pump = iosim.connect(
             server, iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
@@ -141,10 +141,16 @@ class MemoryRelay:
             clock=self.clock,
         )
         self.pumps.append(pump)
-        self.servers.append(server)
+        self.doors.append(server)
         if flush:
             self.flush()
         return client
+
+    @property
+    def servers(self) -> list[Any]:
+        """The server side of each connection: the WebSocket protocol the front door
+        handed it to, else the front door itself."""
+        return [door._delegate or door for door in self.doors]
 
     def join(self, room: str = "abc") -> RelayClient:
         client = self.connect(f"/room/{room}")

@@ -80,7 +80,8 @@ def make_relay():
 
 @pytest.fixture
 def serve():
-    """serve(config) -> Deferred (RelayService, port): the relay on a free loopback port."""
+    """serve(config) -> Deferred (RelayService, port): the relay's front door on a free
+    loopback port."""
     import pytest_twisted
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -92,7 +93,8 @@ def serve():
     def start(config):
         service = RelayService(config, listen=False)
         service.startService()
-        listening = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.site)
+        listening = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            service.front_door)
 
         def started(port):
             running.append((service, port))
