@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory
