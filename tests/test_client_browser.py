@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium
 from tests.cutting_proxy import CuttingProxy
-from tests.test_browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium
-from tests.test_twistd import relay_environment
+from tests.relay_process import relay_environment
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
