@@ -10,7 +10,6 @@ that the command line, the environment and embedding code all share one set of r
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -414,9 +413,6 @@ class RelayConfig:
                              "together: TURN credentials need both")
         if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
             raise ValueError("unknown log level or format")
-
-    def replace(self, **changes: object) -> RelayConfig:
-        return dataclasses.replace(self, **changes)
 
 
 

@@ -96,17 +96,13 @@ def decode_client_message(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def relayed(payload: bytes, connection_id: str, timestamp_ms: int) -> bytes:
-    """The relayed form of a client frame: every field it had, plus the sender's id and
-    the time; MessageError when the frame is not a message the relay accepts."""
-    return stamped(payload, connection_id, timestamp_ms)[0]
-
-
 def stamped(payload: bytes, connection_id: str,
             timestamp_ms: int) -> tuple[bytes, str | None]:
-    """`relayed(...)` and the message's unicast target: its ``to`` when that is a string
-    (a member's connection id), else None (a broadcast, as for every client before ``to``
-    existed). The ``to`` field stays in the relayed message."""
+    """The relayed form of a client frame (every field it had, plus the sender's id and
+    the time) and its unicast target: its ``to`` when that is a string (a member's
+    connection id), else None (a broadcast, as for every client before ``to`` existed).
+    The ``to`` field stays in the relayed message. MessageError when the frame is not a
+    message the relay accepts."""
     message = decode_client_message(payload)
     message["connectionId"] = connection_id
     message["timestamp"] = timestamp_ms
