@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import inspect
 import pprint
-from typing import Any
+from collections import deque
+from typing import Any, TypeVar, cast
 
 import autobahn
 import txaio
@@ -36,6 +37,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import PreparedMessage, TrafficStats, WebSocketProtocol
 from twisted.internet import abstract, tcp
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 from iw_relay.fastframe import next_simple_frame
 
@@ -50,6 +54,17 @@ _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 _HANDSHAKE_STATE = ("http_request_data", "http_headers", "http_status_line",
                     "http_request_uri", "http_request_path", "http_request_params",
                     "http_request_host", "http_response_data", "websocket_origin", "_wskey")
+
+class _NoSendQueue(deque[Any]):
+    """Autobahn's send queue for connections that never use it: it queues only "sync"
+    and chopped sends, which the relay never makes. One shared, always empty instance
+    instead of a deque per connection saves ~700 bytes each; adding to it is a bug."""
+
+    def append(self, item: Any) -> None:
+        raise RuntimeError("the relay never queues in Autobahn's send queue")
+
+
+_NO_SEND_QUEUE = _NoSendQueue()
 
 # Per-connection attributes Autobahn sets on every connection, and what they nearly
 # always hold once it is open. As class attributes, an open connection need not carry
@@ -69,7 +84,7 @@ _OPEN_DEFAULTS: dict[str, Any] = {
         "wasServerConnectionDropTimeout", "wasServingFlashSocketPolicyFile"), False),
     "autoPingPendingSeq": 0,
     "send_state": 0,
-    "send_queue": (),
+    "send_queue": _NO_SEND_QUEUE,
 }
 
 # (where, attribute): class attributes and methods, checked with hasattr.
@@ -172,6 +187,8 @@ class LeanServerProtocol(WebSocketServerProtocol):
     _reading_paused = False
     _resume_call: Any = None
     _frame_refused = False  # the control frame being read was refused by frame_allowed()
+    #: One of Autobahn's options (CONFIG_ATTRS), set on the class by protocol_class_for.
+    openHandshakeTimeout: float
 
     # -- hooks for the subclass ---------------------------------------------------------
 
@@ -192,11 +209,9 @@ class LeanServerProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         set_tcp_nodelay(self.transport)
-        # Autobahn queues only "sync" and chopped sends, which the relay never makes; an
-        # empty tuple instead of its deque saves ~700 bytes a connection.
-        self.send_queue = ()
+        self.send_queue = _NO_SEND_QUEUE
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._resume_call is not None:
             self._resume_call.cancel()
             self._resume_call = None
@@ -272,7 +287,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
             self._resume_call.cancel()
             self._resume_call = None
         self._reading_paused = True
-        self.transport.pauseProducing()
+        cast(IPushProducer, self.transport).pauseProducing()
         if seconds is not None:
             self._resume_call = clock.callLater(max(seconds, 0.0), self._resume_reading)
 
@@ -284,7 +299,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
         self._resume_call = None
         self._reading_paused = False
         if self.state in (_OPEN, _CLOSING):
-            self.transport.resumeProducing()
+            cast(IPushProducer, self.transport).resumeProducing()
             if self.data:
                 self.consumeData()  # what was read before the pause, then the socket
 
@@ -303,7 +318,8 @@ class LeanServerProtocol(WebSocketServerProtocol):
     def processControlFrame(self) -> bool:
         if self._frame_refused and self.current_frame.opcode != _CLOSE:
             self._frame_refused = False
-            self.control_frame_data = None
+            # None, as Autobahn leaves it after a control frame (a list at the next one).
+            self.control_frame_data = None  # type: ignore[assignment]
             return True
         if self.current_frame.opcode == _PONG and self.autoPingPending:
             payload = b"".join(self.control_frame_data)
@@ -331,8 +347,10 @@ for _name, _value in _OPEN_DEFAULTS.items():
         setattr(LeanServerProtocol, _name, _value)
 
 
-def protocol_class_for(factory: WebSocketServerFactory,
-                       base: type[LeanServerProtocol]) -> type[LeanServerProtocol]:
+_Lean = TypeVar("_Lean", bound="LeanServerProtocol")
+
+
+def protocol_class_for(factory: WebSocketServerFactory, base: type[_Lean]) -> type[_Lean]:
     """A subclass of `base` carrying `factory`'s Autobahn options as class attributes.
 
     Autobahn copies ~30 options from the factory onto every connection, unless the
@@ -345,7 +363,7 @@ def protocol_class_for(factory: WebSocketServerFactory,
     options = {name: staticmethod(value) if callable(value) else value
                for name, value in options.items()}
     options["__module__"] = base.__module__
-    return type(base.__name__, (base,), options)
+    return cast("type[_Lean]", type(base.__name__, (base,), options))
 
 
 def prepare_frame(payload: bytes) -> PreparedMessage:
@@ -396,8 +414,10 @@ def tune_autobahn() -> None:
     the whole process, so the twistd plugin calls it and an embedding application may.
     """
     global _debugging_when_tuned
-    _debugging_when_tuned = txaio.get_global_log_level() in _VERBOSE
-    websocket_protocol.pformat = _pformat
+    # txaio fills in its API at run time (txaio.use_twisted), and the helpers are replaced
+    # where the Autobahn modules imported them: the type checker sees neither.
+    _debugging_when_tuned = txaio.get_global_log_level() in _VERBOSE  # type: ignore[attr-defined]
+    websocket_protocol.pformat = _pformat  # type: ignore[assignment]
     for module in (websocket_protocol, twisted_websocket):
-        module.hltype = _hltype
-        module.hlval = _hlval
+        module.hltype = _hltype  # type: ignore[attr-defined]
+        module.hlval = _hlval  # type: ignore[attr-defined]

@@ -29,7 +29,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from iw_relay import messages
 from iw_relay._autobahn import (
@@ -83,7 +85,8 @@ def room_problem(room_id: str | None) -> str | None:
     return None
 
 
-class RelayServerProtocol(Outbox, LeanServerProtocol):
+# Autobahn's two base classes declare `peer` and `_transport_details` differently.
+class RelayServerProtocol(Outbox, LeanServerProtocol):  # type: ignore[misc]
     """One client connection: a member of one room once the handshake is done."""
 
     _log = Logger()
@@ -122,7 +125,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         self._requested_room = requested_room(self.request_target)
         self._token = (request.params.get("token") or [None])[0]
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.admission is not None:
             self.admission.release()
             self.admission = None
@@ -139,13 +142,13 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
 
     def _join(self) -> None:
         factory = self.factory
-        problem = room_problem(self._requested_room)
+        room_id = self._requested_room or ""  # room_problem refuses "" as it does None
+        problem = room_problem(room_id)
         if problem is not None:
             self._log.info("refused a connection: {problem}", problem=problem.split(".")[0])
             self.close(messages.CLOSE_POLICY_VIOLATION, problem)
             return
         config = factory.config
-        room_id = self._requested_room
         if config.auth_secret is not None and not token_allows(
             self._token, config.auth_secret, room_id
         ):
@@ -213,6 +216,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         """
         factory = self.factory
         limiter = self._limiter
+        if limiter is None:  # not joined yet: frames are not counted
+            return True
         now = factory.clock.seconds()
         if limiter.allow(now):
             return True
@@ -287,7 +292,9 @@ class RelayServerFactory(WebSocketServerFactory):
     """Builds a RelayServerProtocol per connection, all sharing one RoomRegistry, and
     writes what members queued once per reactor turn."""
 
-    protocol = RelayServerProtocol
+    # Autobahn's factory subclasses Twisted's Factory without its type parameter, so its
+    # protocol attribute expects the default protocol type, not this (narrower) one.
+    protocol = RelayServerProtocol  # type: ignore[assignment]
 
     def __init__(
         self,

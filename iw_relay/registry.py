@@ -273,9 +273,6 @@ class RoomRegistry(Service):
             for waiting in emptied:
                 waiting.callback(None)
 
-    def room_of(self, member: Member) -> Room | None:
-        return self._room_of.get(member)
-
     def room_size(self, room_id: str) -> int:
         """Members on every node, those still joining included."""
         room = self.rooms.get(room_id)
@@ -318,7 +315,7 @@ class RoomRegistry(Service):
         started = perf_counter()
         if member is not None:
             self._deliver_one(member, self.prepare(payload))
-        else:
+        elif node is not None:
             self.backplane.unicast(room.key, node, target, payload)
         self.relay_seconds.observe(perf_counter() - started)
         return True
@@ -364,7 +361,9 @@ class RoomRegistry(Service):
 
     def remote_unicast(self, key: str, target: str, payload: bytes) -> None:
         room = self._by_key.get(key)
-        member = room.members.get(target) if room is not None else None
+        if room is None:
+            return
+        member = room.members.get(target)
         if member is not None and member not in room.pending:
             self._deliver_one(member, self.prepare(payload))
 
