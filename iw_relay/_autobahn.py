@@ -238,10 +238,6 @@ class LeanServerProtocol(WebSocketServerProtocol):
                          if getattr(cls, name, state) is not value}
 
     @property
-    def is_open_now(self) -> bool:
-        return self.state == _OPEN
-
-    @property
     def close_code(self) -> int | None:
         """The code this side sent when it closed first, else the peer's (1006: dropped)."""
         return self.localCloseCode if self.closedByMe else self.remoteCloseCode

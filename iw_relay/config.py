@@ -451,8 +451,3 @@ def environment_settings(environ: Mapping[str, str]) -> dict[str, tuple[str, str
     if "log-format" not in found and environ.get("NODE_ENV") == "production":
         found["log-format"] = ("NODE_ENV", "json")
     return found
-
-
-def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """Option values (unparsed) that the environment gives, by option name."""
-    return {name: text for name, (_, text) in environment_settings(environ).items()}

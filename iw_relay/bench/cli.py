@@ -22,7 +22,6 @@ from typing import Any, TextIO
 from iw_relay.bench import runner
 from iw_relay.bench.stats import P99_LIMIT_MS, StepReport, format_step, human_bytes
 
-SCENARIOS = ("fanout", "bigroom", "idle", "connect", "soak")
 DEFAULT_STEPS = {"fanout": 12, "bigroom": 12, "idle": 5, "connect": 3, "soak": 5}
 
 
