@@ -232,6 +232,8 @@ class Plan:
                 }
                 if step.generator_lagging:
                     found.notes.append("the generator lagged")
+                if step.loss:
+                    found.notes.append(f"{step.loss} deliveries lost")
             elif figure == "idle":
                 settings = self.settings(server, 300, connect_timeout=120,
                                          inflight=args.inflight, max_steps=5)

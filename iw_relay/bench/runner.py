@@ -549,7 +549,7 @@ def run_idle(settings: Settings, report: Callable[[StepReport], None], clients: 
     result = Result()
     with run.running():
         members = room_members(run, clients, rooms, None)
-        members = [Member(m.room, m.room_size, False) for m in members]
+        members = [Member(m.room, m.room_size, False, m.node) for m in members]
         baseline = run.server_sample()
         baseline_rss = sum(s.rss or 0 for s in baseline) if baseline else None
         parts = max(1, min(settings.max_steps, clients))
