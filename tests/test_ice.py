@@ -4,6 +4,7 @@ options that turn it (and /demo) on."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -177,7 +178,7 @@ async def test_coturn_accepts_the_relays_credentials_and_refuses_others(
     assert int(old["username"].split(":")[0]) < time.time()
     assert refused(server.allocate(old["username"], old["credential"]))
     # Forged: a relay with another secret; and a username whose expiry was moved.
-    forged = ice_servers(config.replace(turn_secret=b"guessed"), time.time(), "f")
+    forged = ice_servers(dataclasses.replace(config, turn_secret=b"guessed"), time.time(), "f")
     forged_turn = forged["iceServers"][0]
     assert refused(server.allocate(forged_turn["username"], forged_turn["credential"]))
     expiry, user = turn["username"].split(":")
