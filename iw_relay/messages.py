@@ -40,6 +40,7 @@ INTERNAL_ERROR_REASON = "Internal server error"
 ROOM_FULL_MESSAGE = "Room is full"
 FLOOD_REASON = "Rate limit exceeded"
 AUTH_REASON = "Invalid authentication token"
+RESUMED_REASON = "Session resumed on another connection"
 SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
@@ -102,12 +103,17 @@ def relayed(payload: bytes, connection_id: str, timestamp_ms: int) -> bytes:
     return stamped(payload, connection_id, timestamp_ms)[0]
 
 
-def stamped(payload: bytes, connection_id: str,
-            timestamp_ms: int) -> tuple[bytes, str | None]:
+def stamped(payload: bytes, connection_id: str, timestamp_ms: int,
+            owns_seq: bool = False) -> tuple[bytes, str | None]:
     """`relayed(...)` and the message's unicast target: its ``to`` when that is a string
     (a member's connection id), else None (a broadcast, as for every client before ``to``
-    existed). The ``to`` field stays in the relayed message."""
+    existed). The ``to`` field stays in the relayed message.
+
+    `owns_seq` (connection recovery on): a ``seq`` the client put in is removed, since
+    the relay adds its own; with recovery off it stays, as it always did."""
     message = decode_client_message(payload)
+    if owns_seq:
+        message.pop("seq", None)
     message["connectionId"] = connection_id
     message["timestamp"] = timestamp_ms
     target = message.get("to")
@@ -127,12 +133,15 @@ def rate_limit_error(limit: int, window: float) -> bytes:
 
 
 def connected(connection_id: str, room_id: str, user_count: int,
-              peers: list[str] | None = None) -> bytes:
-    """`peers`: the connection ids of the others in the room (WebRTC signaling)."""
-    return encode(
-        {"type": "connected", "connectionId": connection_id, "roomId": room_id,
-         "userCount": user_count, "peers": peers or []}
-    )
+              peers: list[str] | None = None,
+              recovery: dict[str, object] | None = None) -> bytes:
+    """`peers`: the connection ids of the others in the room (WebRTC signaling);
+    `recovery`: ``epoch``, ``seq``, ``resumeToken``, ``recovered`` (recovery on only)."""
+    message = {"type": "connected", "connectionId": connection_id, "roomId": room_id,
+               "userCount": user_count, "peers": peers or []}
+    if recovery:
+        message.update(recovery)
+    return encode(message)
 
 
 def user_joined(connection_id: str, user_count: int) -> bytes:

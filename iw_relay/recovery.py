@@ -453,6 +453,15 @@ class Sessions:
         self._gone = gone
         self._rooms: dict[str, dict[str, Session]] = {}  # room id -> connection id ->
         self._count = 0
+        self._stopped = False
+
+    def stop(self) -> None:
+        """The relay is stopping: cancel every grace timer; from now on a drop is final
+        (nobody would be left to say its ``user-left`` later)."""
+        self._stopped = True
+        for room in self._rooms.values():
+            for session in room.values():
+                self._cancel_timer(session)
 
     def __len__(self) -> int:
         return self._count
@@ -485,7 +494,7 @@ class Sessions:
         session = self.get(room_id, connection_id)
         if session is None:
             return False
-        if not grace or self.window <= 0:
+        if not grace or self.window <= 0 or self._stopped:
             self._forget(session)
             return False
         session.state = SessionState.AWAY
