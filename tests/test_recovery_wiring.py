@@ -222,6 +222,8 @@ def test_two_resumes_with_one_token_in_the_same_turn_one_wins(on):
     assert recovered == [False, True]
     assert on.registry.recovery.stats.failed == {"token_reused": 1}
     assert on.registry.recovery.stats.succeeded == 1
+    # The loser joined afresh; the winner's peers heard nothing of the drop.
+    assert b.messages_of("user-left") == [] and len(b.messages_of("user-joined")) == 1
 
 
 def test_a_takeover_closes_the_old_connection_quietly(on):
