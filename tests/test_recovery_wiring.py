@@ -7,6 +7,7 @@ import json
 from urllib.parse import quote
 
 import pytest
+import pytest_twisted
 
 from iw_relay.config import RelayConfig
 from tests.clients import MemoryRelay
@@ -352,3 +353,23 @@ def test_no_token_room_id_or_body_in_the_logs(on):
     assert events
     for secret in ("secretroom", "secretbody", token):
         assert secret not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relay_serves_client_js_with_its_headers(make_relay):
+    from treq.testing import StubTreq
+
+    from iw_relay.clientjs import script
+
+    relay = make_relay(RelayConfig(ping_interval=0))  # served whether recovery is on or not
+    client = StubTreq(relay.service.resource)
+    response = await client.get("http://relay.example/client.js")
+    assert response.code == 200
+    headers = response.headers
+    assert headers.getRawHeaders("content-type") == ["text/javascript; charset=utf-8"]
+    assert headers.getRawHeaders("cache-control") == ["public, max-age=600"]
+    (etag,) = headers.getRawHeaders("etag")
+    assert await response.content() == script()
+    again = await client.get("http://relay.example/client.js",
+                             headers={"If-None-Match": etag})
+    assert again.code == 304
