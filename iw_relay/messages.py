@@ -40,6 +40,7 @@ INTERNAL_ERROR_REASON = "Internal server error"
 ROOM_FULL_MESSAGE = "Room is full"
 FLOOD_REASON = "Rate limit exceeded"
 AUTH_REASON = "Invalid authentication token"
+RESUMED_REASON = "Session resumed on another connection"
 SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
@@ -96,14 +97,19 @@ def decode_client_message(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def stamped(payload: bytes, connection_id: str,
-            timestamp_ms: int) -> tuple[bytes, str | None]:
+def stamped(payload: bytes, connection_id: str, timestamp_ms: int,
+            owns_seq: bool = False) -> tuple[bytes, str | None]:
     """The relayed form of a client frame (every field it had, plus the sender's id and
     the time) and its unicast target: its ``to`` when that is a string (a member's
     connection id), else None (a broadcast, as for every client before ``to`` existed).
     The ``to`` field stays in the relayed message. MessageError when the frame is not a
-    message the relay accepts."""
+    message the relay accepts.
+
+    `owns_seq` (connection recovery on): a ``seq`` the client put in is removed, since
+    the relay adds its own; with recovery off it stays, as it always did."""
     message = decode_client_message(payload)
+    if owns_seq:
+        message.pop("seq", None)
     message["connectionId"] = connection_id
     message["timestamp"] = timestamp_ms
     target = message.get("to")
@@ -123,12 +129,15 @@ def rate_limit_error(limit: int, window: float) -> bytes:
 
 
 def connected(connection_id: str, room_id: str, user_count: int,
-              peers: list[str] | None = None) -> bytes:
-    """`peers`: the connection ids of the others in the room (WebRTC signaling)."""
-    return encode(
-        {"type": "connected", "connectionId": connection_id, "roomId": room_id,
-         "userCount": user_count, "peers": peers or []}
-    )
+              peers: list[str] | None = None,
+              recovery: dict[str, object] | None = None) -> bytes:
+    """`peers`: the connection ids of the others in the room (WebRTC signaling);
+    `recovery`: ``epoch``, ``seq``, ``resumeToken``, ``recovered`` (recovery on only)."""
+    message = {"type": "connected", "connectionId": connection_id, "roomId": room_id,
+               "userCount": user_count, "peers": peers or []}
+    if recovery:
+        message.update(recovery)
+    return encode(message)
 
 
 def user_joined(connection_id: str, user_count: int) -> bytes:

@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 
 from iw_relay.backplane.base import Backplane
 from iw_relay.backplane.local import LocalBackplane
+from iw_relay.clientjs import ClientScriptResource
 from iw_relay.config import RelayConfig
 from iw_relay.demo import DemoResource
 from iw_relay.frontdoor import FrontDoorFactory
@@ -54,8 +55,9 @@ def with_backlog(description: str) -> str:
 
 
 def optional_pages(config: RelayConfig, wall_clock: Callable[[], float]) -> dict[bytes, Resource]:
-    """/ice-servers when STUN or TURN URIs are configured, /demo with --demo."""
-    pages: dict[bytes, Resource] = {}
+    """/client.js (IWRelaySocket, always: against a relay with recovery off it is a plain
+    WebSocket), /ice-servers when STUN or TURN URIs are configured, /demo with --demo."""
+    pages: dict[bytes, Resource] = {b"client.js": ClientScriptResource()}
     if ice_enabled(config):
         pages[b"ice-servers"] = IceServersResource(config, wall_clock)
     if config.demo:

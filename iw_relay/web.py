@@ -119,6 +119,7 @@ class StatsResource(Resource):
             "uptime": uptime,
             "uptimeFormatted": format_uptime(uptime),
         }
+        body.update(registry.recovery.snapshot())  # nothing while recovery is off
         cluster = registry.backplane.status()
         if cluster is not None:
             body["cluster"] = cluster
