@@ -10,10 +10,9 @@ from twisted.internet.task import Clock
 
 from iw_relay.backplane.history import RedisHistory, history_keys
 from iw_relay.recovery import RecoveryFailure
-from tests.redis_process import redis_server  # noqa: F401 - a fixture
 
 
-async def history(redis_server, clock: Clock, **bounds) -> tuple[RedisHistory, object]:  # noqa: F811
+async def history(redis_server, clock: Clock, **bounds) -> tuple[RedisHistory, object]:
     import txredisapi
 
     connection = await txredisapi.Connection("127.0.0.1", redis_server.port, reconnect=False)
@@ -27,7 +26,7 @@ def op(n: int, pad: str = "") -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_seq_epoch_and_what_a_member_is_owed(redis_server):  # noqa: F811
+async def test_seq_epoch_and_what_a_member_is_owed(redis_server):
     clock = Clock()
     store, connection = await history(redis_server, clock)
     try:
@@ -56,7 +55,7 @@ async def test_seq_epoch_and_what_a_member_is_owed(redis_server):  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_trimmed_by_count_bytes_and_age_with_ttls(redis_server):  # noqa: F811
+async def test_trimmed_by_count_bytes_and_age_with_ttls(redis_server):
     clock = Clock()
     store, connection = await history(redis_server, clock, max_messages=3, max_bytes=200)
     try:
