@@ -235,7 +235,8 @@ OPTIONS: tuple[Option, ...] = (
            "ENDPOINT", "list", shown_default="tcp:$PORT if PORT is set, else tcp:3000"),
     Option("rate-limit", "rate_limit", parse_positive_int, "100",
            "Frames (messages, pings, pongs, continuation frames) per rate window per "
-           "connection; excess messages are dropped with RATE_LIMIT_EXCEEDED.", "N"),
+           "connection; frames over it are dropped, with one RATE_LIMIT_EXCEEDED a "
+           "window.", "N"),
     Option("rate-window", "rate_window", _positive_duration, "1s",
            "Length of the rate-limit window: the allowance is refilled once per window.",
            "DURATION"),
