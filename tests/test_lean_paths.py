@@ -188,3 +188,13 @@ def test_an_open_connection_carries_only_what_differs_from_its_class(relay):
     relay.flush()
     assert server.wasClean is True and vars(server)["wasClean"] is True  # written back
     assert type(server).wasClean is False
+
+
+def test_prepare_frame_builds_what_autobahn_builds():
+    from autobahn.websocket.protocol import PreparedMessage
+
+    from iw_relay._autobahn import prepare_frame
+    for length in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+        assert vars(prepare_frame(payload)) == vars(
+            PreparedMessage(payload, False, False, False)), length
