@@ -34,7 +34,8 @@ setup(
             # never `playwright install`.
             "playwright",
         ],
-        "bench": ["uvloop"],
+        # iwrelay-bench: picows is its WebSocket client, uvloop its event loop.
+        "bench": ["uvloop", "picows"],
     },
     entry_points={
         "console_scripts": ["iwrelay-bench = iw_relay.bench.cli:main"],

@@ -1,20 +1,30 @@
 """iwrelay-bench: the figures' arithmetic, and each scenario at tiny scale against a real
-iw-relay (twistd in a subprocess on 127.0.0.1)."""
+iw-relay (twistd in a subprocess on 127.0.0.1).
+
+The benchmark is the ``[bench]`` extra (picows, uvloop): without picows this module is
+skipped, with the reason.
+"""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
-from iw_relay.bench import cli, procstat, runner
+pytest.importorskip(
+    "picows", reason="the benchmark needs the [bench] extra: pip install '.[bench]'")
+
+from iw_relay.bench import cli, compare, procstat, runner
 from iw_relay.bench.stats import (
     ProcessUsage,
     StepReport,
@@ -25,7 +35,11 @@ from iw_relay.bench.stats import (
     percentile,
     saturation,
 )
-from iw_relay.bench.wsclient import _py_apply_mask, apply_mask, encode_frame, parse_bench
+from iw_relay.bench.wsclient import (
+    JoinRefusedError,
+    describe_failure,
+    parse_bench,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"RelaySite starting on (\d+)")
@@ -165,22 +179,42 @@ def test_parse_bench():
     assert parse_bench(b'{"type":"bench","s":1,"x":2}', 0, 28) is None
 
 
-@pytest.mark.parametrize("size", [0, 1, 5, 125, 126, 300, 70000])
-def test_encode_frame_masks(size):
-    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
-    frame = encode_frame(payload)
-    assert frame[0] == 0x81
-    assert frame[1] & 0x80
-    length = frame[1] & 0x7F
-    offset = 2
-    if length == 126:
-        length, offset = int.from_bytes(frame[2:4], "big"), 4
-    elif length == 127:
-        length, offset = int.from_bytes(frame[2:10], "big"), 10
-    assert length == size
-    mask = frame[offset:offset + 4]
-    assert _py_apply_mask(frame[offset + 4:], mask) == payload
-    assert apply_mask(frame[offset + 4:], mask) == payload
+def test_describe_failure_names_the_reason():
+    from picows import WSInvalidStatusError
+
+    refused = WSInvalidStatusError(
+        "upgrade failed", raw_header=b"HTTP/1.1 503 Too many connections\r\nA: b\r\n")
+    assert describe_failure(refused) == "HTTP 503 Too many connections"
+    assert describe_failure(ConnectionRefusedError(111, "Connection refused")) == \
+        "connection refused"
+    assert describe_failure(TimeoutError()) == "timeout"
+    assert describe_failure(JoinRefusedError("close 1008 Invalid room ID")) == \
+        "close 1008 Invalid room ID"
+
+
+def test_failure_line_puts_the_commonest_reason_first():
+    line = runner.failure_line(5, 9, {"timeout": 1, "HTTP 503 Too many connections": 4})
+    assert line == ("REFUSED: 5 of 9 connections failed: HTTP 503 Too many connections x4, "
+                    "timeout x1")
+
+
+@pytest.mark.parametrize("placement", ["room", "spread"])
+def test_placement(placement):
+    settings = runner.Settings(targets=[runner.parse_target(f"ws://127.0.0.1:{port}")
+                                        for port in (3001, 3002, 3003)],
+                               placement=placement)
+    run = runner.Run(settings, lambda step: None)
+    members = runner.room_members(run, 24, 6, None)
+    nodes_of: dict[str, set[int]] = {}
+    for member in members:
+        nodes_of.setdefault(member.room, set()).add(member.node)
+    per_node = [sum(1 for m in members if m.node == node) for node in range(3)]
+    assert per_node == [8, 8, 8]
+    if placement == "room":
+        assert all(len(nodes) == 1 for nodes in nodes_of.values())
+        assert {min(nodes) for nodes in nodes_of.values()} == {0, 1, 2}
+    else:
+        assert all(nodes == {0, 1, 2} for nodes in nodes_of.values())
 
 
 def test_procstat_reads_this_process():
@@ -374,3 +408,159 @@ def test_rate_limited_relay_shows_loss():
     assert not report.ok
     assert result.summary["saturation"] is None
     assert result.summary["stopped"] == "saturated"
+
+
+# -- why connections fail, several nodes, the side-by-side comparison ----------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_refusal_is_the_first_line_of_the_report():
+    """Over the per-address limit the relay answers 503: the report starts by saying
+    how many connections failed and with which status and reason."""
+    relay = RelayProcess("--max-connections-per-ip", "2")
+    try:
+        result, out = bench(relay, "connect", "--clients", "5", "--rooms", "1",
+                            "--inflight", "5", "--max-steps", "1")
+        lines = out.splitlines()
+        assert re.match(r"REFUSED: 3 of 5 connections failed: HTTP 503 \S.* x3$", lines[0])
+        assert "FAILED" in lines[1]
+        assert result.summary["refused"] == {lines[0].split(": ", 2)[2][:-3]: 3}
+        result, out = bench(relay, "fanout", "--clients", "6", "--rooms", "2",
+                            "--rates", "5", "--duration", "0.3")
+        lines = out.splitlines()
+        assert lines[0].startswith("REFUSED: 4 of 6 connections failed: HTTP 503 ")
+        assert "no step was run" in lines[1]
+        assert result.steps == []
+    finally:
+        relay.stop()
+
+
+def test_nothing_listening_is_named(capsys):
+    url = f"ws://127.0.0.1:{free_port()}"
+    status = cli.main(["connect", "--url", url, "--clients", "3", "--rooms", "1",
+                       "--max-steps", "1",
+                       "--workers", "1", "--deadline", "60"])
+    assert status == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "REFUSED: 3 of 3 connections failed: connection refused x3"
+
+
+def connections_total(relay) -> int:
+    with urlopen(f"http://127.0.0.1:{relay.port}/stats", timeout=5) as reply:
+        return json.load(reply)["connectionsTotal"]
+
+
+def test_two_nodes_each_server_measured(relay_process):
+    """Two --url and two --server-pid: rooms placed whole on a node relay without loss;
+    the CPU is summed and each server is shown; spread placement uses both nodes."""
+    other = RelayProcess("--rate-limit", "1000000")
+    try:
+        relays = (relay_process, other)
+        before = [connections_total(r) for r in relays]
+        argv = ["fanout", "--clients", "8", "--rooms", "2", "--rates", "10",
+                "--duration", "0.5", "--workers", "1", "--deadline", "60"]
+        for relay in relays:
+            argv += ["--url", relay.url, "--server-pid", str(relay.process.pid)]
+        result = cli.run(argv, out=io.StringIO(), err=io.StringIO())
+        (report,) = result.steps
+        assert_consistent(report)
+        servers = report.extra["servers"]
+        assert [s["pid"] for s in servers] == [r.process.pid for r in relays]
+        assert report.server.cpu_s == pytest.approx(sum(s["cpu_s"] for s in servers),
+                                                    abs=1e-3)
+        assert report.server.rss_bytes == sum(s["rss_bytes"] for s in servers)
+        after = [connections_total(r) for r in relays]
+        assert [a - b for a, b in zip(after, before, strict=True)] == [4, 4]
+        # Spread: each room's members on both nodes (connect: unclustered nodes would
+        # never show a spread room full, which a sending scenario waits for).
+        nodes = argv[argv.index("--url"):]
+        result = cli.run(["connect", "--clients", "8", "--rooms", "2", "--max-steps", "1",
+                          "--workers", "1", "--placement", "spread", *nodes],
+                         out=io.StringIO(), err=io.StringIO())
+        assert result.steps[0].connections == 8
+        spread = [connections_total(r) - a for r, a in zip(relays, after, strict=True)]
+        assert spread == [4, 4]
+    finally:
+        other.stop()
+
+
+def test_without_picows_the_tool_says_which_extra():
+    """With picows missing, the command names the [bench] extra instead of a traceback."""
+    completed = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['picows'] = None; "
+         "from iw_relay.bench import cli; sys.exit(cli.main(['connect']))"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert completed.returncode == 2
+    assert "[bench]" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_compare_table_medians_spread_and_ratio():
+    args = argparse.Namespace(connect_clients=10, inflight=2, deliveries=100.0,
+                              fanout_clients=10, fanout_rooms=2, bigroom_clients=5,
+                              bigroom_senders=1, idle_clients=10, idle_rooms=2)
+    found = []
+    for run, (ours, theirs) in enumerate([(10.0, 20.0), (30.0, 40.0), (20.0, 10.0)], 1):
+        found.append(compare.Measurement("connect", "iw-relay", run, {"conns_per_s": ours}))
+        found.append(compare.Measurement("connect", "original", run, {"conns_per_s": theirs}))
+    text, rows = compare.table(found, ["connect"], args)
+    (row,) = [r for r in rows if r["key"] == "conns_per_s"]
+    assert row["iw-relay_median"] == 20.0 and row["original_median"] == 20.0
+    assert row["ratio"] == 1.0
+    assert row["run_ratios"] == [0.5, 0.75, 2.0]
+    assert "20 (10-30)" in text and "20 (10-40)" in text and "0.50, 0.75, 2.00" in text
+
+
+STANDIN = '''\
+"""Stands in for the original relay in the comparison test: iw-relay on $PORT."""
+import os, sys
+os.environ["PYTHONPATH"] = {root!r}
+os.execv(sys.executable, [sys.executable, "-c",
+         "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "iwrelay",
+         "--port", "tcp:%s:interface=127.0.0.1" % os.environ["PORT"],
+         "--max-connections-per-ip", "0"])
+'''
+
+
+def test_compare_runs_both_and_stops_every_server(tmp_path):
+    """The whole comparison at tiny scale, with a stand-in for the original: fresh
+    servers per run, a table with ratios, and no server left running afterwards."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("the comparison pins the server and the generator to two CPUs")
+    standin = tmp_path / "server.js"
+    standin.write_text(STANDIN.format(root=str(ROOT)))
+    report = tmp_path / "compare.json"
+    out = io.StringIO()
+    cli.run(["compare", "--original", str(standin), "--node", sys.executable,
+             "--runs", "1", "--figures", "connect,fanout,idle",
+             "--server-cpu", str(cpus[0]), "--generator-cpu", str(cpus[1]),
+             "--connect-clients", "20", "--inflight", "5", "--fanout-clients", "6",
+             "--fanout-rooms", "2", "--deliveries", "120", "--duration", "0.5",
+             "--warmup", "0.2", "--idle-clients", "20", "--idle-rooms", "4", "--idle-hold", "0",
+             "--json", str(report), "--deadline", "150"], out=out, err=io.StringIO())
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the caller's affinity is restored
+    text = out.getvalue()
+    assert "versions: " in text and "load average" in text
+    summary = json.loads(report.read_text())
+    runs = summary["runs"]
+    assert len(runs) == 3 * 2
+    assert len({r["pid"] for r in runs}) == len(runs)  # a fresh server every time
+    for found in runs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(found["pid"], 0)
+        # (a loaded machine may make the generator lag; nothing may be refused)
+        assert not [n for n in found["notes"] if "lagged" not in n], found
+    rows = {(r["figure"], r["key"]): r for r in summary["rows"]}
+    fanout = rows[("fanout", "cpu_us_per_delivery")]
+    assert len(fanout["iw-relay"]) == len(fanout["original"]) == 1
+    assert fanout["ratio"] > 0
+    assert rows[("connect", "conns_per_s")]["ratio"] > 0
+    assert rows[("idle", "bytes_per_connection")]["iw-relay_median"] is not None
+    for row in summary["rows"]:
+        assert f"{row['ratio']:.2f}x" in text

@@ -5,9 +5,14 @@
     iwrelay-bench idle    --clients 5000 --rooms 100 ...
     iwrelay-bench connect --clients 5000 --inflight 200 ...
     iwrelay-bench soak    --cycles 1000 ...
+    iwrelay-bench fanout  --url ws://127.0.0.1:3001 --url ws://127.0.0.1:3002 \
+                          --placement spread --server-pid P1 --server-pid P2 ...
+    iwrelay-bench compare --original /path/to/server.js   (see compare.py)
 
 One line per step on the terminal; ``--json`` prints one JSON object per step (and a
-final ``"kind": "summary"`` object) on stdout instead.
+final ``"kind": "summary"`` object) on stdout instead. When connections fail, the
+report's first line says how many and why (``REFUSED: ... HTTP 503 Too many
+connections x12``); the line naming the run goes to stderr.
 """
 
 from __future__ import annotations
@@ -17,12 +22,22 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
-from iw_relay.bench import runner
+try:
+    from iw_relay.bench import runner
+except ImportError as missing:  # picows or uvloop: the [bench] extra
+    runner = None  # type: ignore[assignment]
+    MISSING: ImportError | None = missing
+else:
+    MISSING = None
 from iw_relay.bench.stats import P99_LIMIT_MS, StepReport, format_step, human_bytes
 
 SCENARIOS = ("fanout", "bigroom", "idle", "connect", "soak")
+FAIR_RATE_LIMIT = 90.0  # runner.FAIR_RATE_LIMIT, here so that --help works without it
+DEFAULT_URL = "ws://127.0.0.1:3000"
+COMPARE_FIGURES = ("connect", "fanout", "bigroom", "idle")  # compare.FIGURES, in order
 DEFAULT_STEPS = {"fanout": 12, "bigroom": 12, "idle": 5, "connect": 3, "soak": 5}
 
 
@@ -67,11 +82,19 @@ def positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("target and generator")
-    group.add_argument("--url", default="ws://127.0.0.1:3000",
-                       help="relay to load; loopback only (127.0.0.1, ::1, localhost) "
-                            "[default: %(default)s]")
-    group.add_argument("--server-pid", type=int,
-                       help="the relay's process id: its CPU time and RSS are read from /proc")
+    group.add_argument("--url", action="append", dest="urls", metavar="URL",
+                       help="relay to load; loopback only (127.0.0.1, ::1, localhost); "
+                            "repeat it for the nodes of a cluster (see --placement) "
+                            f"[default: {DEFAULT_URL}]")
+    group.add_argument("--placement", choices=("room", "spread"), default="room",
+                       help="with several --url: room = all of a room's members on one "
+                            "node, rooms round-robin over the nodes; spread = each room's "
+                            "members spread over all nodes [default: %(default)s]")
+    group.add_argument("--server-pid", type=int, action="append", dest="server_pids",
+                       metavar="PID",
+                       help="a relay process (or redis-server...) whose CPU time and RSS "
+                            "are read from /proc; repeatable: the figures are summed, "
+                            "each also shown")
     group.add_argument("--cpu", type=cpu_list,
                        help="pin the generator to these CPUs, e.g. 1 or 2-3")
     group.add_argument("--workers", type=positive_int,
@@ -113,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each step multiplies the rate by this [default: %(default)s]")
     group.add_argument("--rate-step", type=float, default=0.0,
                        help="add this instead of multiplying")
-    group.add_argument("--max-rate", type=positive_float, default=runner.FAIR_RATE_LIMIT,
+    group.add_argument("--warmup", type=float, default=0.0,
+                       help="seconds of sending at the first rate before the first step, "
+                            "not reported [default: 0]")
+    group.add_argument("--max-rate", type=positive_float, default=FAIR_RATE_LIMIT,
                        help="last rate of the ramp [default: %(default)s, under the "
                             "original relay's fixed limit of 100/s per connection]")
     group.add_argument("--keep-going", action="store_true",
@@ -163,7 +189,61 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--messages", type=positive_int, default=10,
                       help="messages each member of a pair sends [default: %(default)s]")
     soak.add_argument("--cycle-timeout", type=positive_float, default=10.0)
+
+    add_compare_parser(scenarios)
     return parser
+
+
+def add_compare_parser(scenarios: Any) -> None:
+    """The ``compare`` sub-command (compare.py): its options."""
+    parser = scenarios.add_parser(
+        "compare", help="iw-relay against the original Node relay, fresh servers, "
+                        "medians of several runs",
+        description="For every figure and run, a fresh server of each implementation "
+                    "(iw-relay as twistd, the original as node server.js), pinned to "
+                    "--server-cpu, the generator on --generator-cpu; medians, spread "
+                    "and ratio iw-relay / original. Loopback only; every server started "
+                    "is stopped.")
+    parser.add_argument("--original", required=True, type=Path, metavar="SERVER_JS",
+                        help="the original relay's server.js (with its node_modules)")
+    parser.add_argument("--node", default="node", help="node binary [default: %(default)s]")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="fresh servers per figure and implementation "
+                             "[default: %(default)s]")
+    parser.add_argument("--figures", default=",".join(COMPARE_FIGURES),
+                        help="comma-separated, among " + ", ".join(COMPARE_FIGURES)
+                             + " [default: all]")
+    parser.add_argument("--server-cpu", type=int, default=0,
+                        help="CPU the server is pinned to [default: %(default)s]")
+    parser.add_argument("--generator-cpu", type=int, default=1,
+                        help="CPU the load generator is pinned to [default: %(default)s]")
+    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
+                        help="an extra option for iw-relay's twistd plugin (repeatable), "
+                             "e.g. --relay-arg=--log-level=warn")
+    parser.add_argument("--connect-clients", type=int, default=10_000)
+    parser.add_argument("--inflight", type=int, default=200)
+    parser.add_argument("--deliveries", type=float, default=40_000.0,
+                        help="fixed deliveries/s of fanout and bigroom [default: %(default)s]")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of the measured sending step [default: %(default)s]")
+    parser.add_argument("--warmup", type=float, default=3.0,
+                        help="seconds of sending before it, not measured "
+                             "[default: %(default)s]")
+    parser.add_argument("--fanout-clients", type=int, default=500)
+    parser.add_argument("--fanout-rooms", type=int, default=100)
+    parser.add_argument("--bigroom-clients", type=int, default=200)
+    parser.add_argument("--bigroom-senders", type=int, default=10)
+    parser.add_argument("--idle-clients", type=int, default=15_000)
+    parser.add_argument("--idle-rooms", type=int, default=100)
+    parser.add_argument("--idle-hold", type=float, default=2.0,
+                        help="seconds between the last idle connection and the RSS "
+                             "reading [default: %(default)s]")
+    parser.add_argument("--deadline", type=float, default=3600.0,
+                        help="the whole comparison stops after this many seconds "
+                             "[default: %(default)s]")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write every run's figures to FILE as JSON")
+
 
 
 class Printer:
@@ -185,7 +265,15 @@ class Printer:
     def warn(self, text: str) -> None:
         print(f"iwrelay-bench: {text}", file=self.err, flush=True)
 
+    def note(self, text: str) -> None:
+        """Progress for people, never in the report: stderr."""
+        if not self.as_json or self.lines_to_err:
+            print(text, file=self.err, flush=True)
+
     def step(self, report: StepReport) -> None:
+        refusal = report.extra.get("refusal")
+        if refusal:  # why connections failed comes before the step that counts them
+            self.say(refusal)
         if self.as_json:
             print(json.dumps(report.as_dict()), file=self.out, flush=True)
         self.say(format_step(report))
@@ -197,10 +285,19 @@ class Printer:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    """The summary; when connections failed, its first line says how many and why."""
+    text = _format_summary(summary)
+    refusal = summary.get("refusal")
+    return f"{refusal}\n{text}" if refusal else text
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
     scenario = summary.get("scenario")
     if scenario in ("fanout", "bigroom"):
         best = summary.get("saturation")
         head = f"{scenario}: stopped: {summary.get('stopped')}; "
+        if summary.get("refused"):
+            return head + "no step was run"
         if best is None:
             return head + "no step passed (p99 < 100 ms, no loss)"
         reached = "" if best["reached"] else " (not saturated: the last passing step)"
@@ -231,11 +328,20 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None,
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     args = build_parser().parse_args(argv)
+    if MISSING is not None:
+        raise BenchUnavailableError(
+            f"{MISSING}: the benchmark needs the [bench] extra: "
+            "pip install 'iw-relay[bench]' (picows, uvloop)")
+    if args.scenario == "compare":
+        from iw_relay.bench import compare
+        return compare.run(args, out, err)
     printer = Printer(args.json, out, err)
-    target = runner.parse_target(args.url)
-    if args.server_pid is not None:
+    urls = args.urls or [DEFAULT_URL]
+    targets = [runner.parse_target(url) for url in urls]
+    pids = args.server_pids or []
+    for pid in pids:
         try:
-            runner.procstat.check_pid(args.server_pid)
+            runner.procstat.check_pid(pid)
         except ValueError as problem:
             raise runner.BenchError(str(problem)) from None
     if args.cpu:
@@ -245,15 +351,17 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None,
             raise runner.BenchError(f"--cpu {args.cpu}: {problem}") from None
     workers = args.workers or len(os.sched_getaffinity(0))
     settings = runner.Settings(
-        target=target, workers=workers, loop=args.loop, server_pid=args.server_pid,
+        targets=targets, workers=workers, loop=args.loop, server_pids=pids,
+        placement=args.placement, warmup=getattr(args, "warmup", 0.0),
         duration=args.duration, max_steps=args.max_steps or DEFAULT_STEPS[args.scenario],
         deadline=args.deadline, drain_timeout=args.drain_timeout,
         connect_timeout=args.connect_timeout, inflight=args.inflight, pad=args.pad,
         keep_going=getattr(args, "keep_going", False),
     )
-    printer.say(f"iwrelay-bench {args.scenario} -> {args.url} "
-                f"(server pid {args.server_pid or '-'}, {workers} worker(s), "
-                f"cpu {','.join(map(str, sorted(os.sched_getaffinity(0))))})")
+    printer.note(f"iwrelay-bench {args.scenario} -> {' '.join(urls)} "
+                 + (f"(placement {args.placement}) " if len(urls) > 1 else "")
+                 + f"(server pid {','.join(map(str, pids)) or '-'}, {workers} worker(s), "
+                 f"cpu {','.join(map(str, sorted(os.sched_getaffinity(0))))})")
     if args.scenario in ("fanout", "bigroom"):
         rates = args.rates or []
         if max(rates, default=0) > runner.FAIR_RATE_LIMIT or (
@@ -282,12 +390,20 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None,
     return result
 
 
+class BenchUnavailableError(Exception):
+    """The [bench] extra is not installed."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0, 1 when connections were refused, 2 for an error."""
+    errors: tuple[type[Exception], ...] = (BenchUnavailableError,)
+    if runner is not None:
+        errors += (runner.BenchError,)
     try:
-        run(argv)
-    except runner.BenchError as problem:
+        result = run(argv)
+    except errors as problem:
         print(f"iwrelay-bench: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return 1 if result.summary.get("refused") else 0

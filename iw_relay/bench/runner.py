@@ -59,6 +59,15 @@ class Target:
     def path(self, room: str) -> str:
         return f"{self.base}/room/{room}"
 
+    @property
+    def base_url(self) -> str:
+        """ws:// URL of the resolved address (so every connection goes to the same one)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{self.base}"
+
+    def url(self, room: str) -> str:
+        return f"{self.base_url}/room/{room}"
+
 
 def parse_target(url: str) -> Target:
     """A ws:// URL on the loopback interface; BenchError for anything else."""
@@ -176,14 +185,23 @@ class Generator:
 # -- one run ------------------------------------------------------------------------
 
 
+PLACEMENTS = ("room", "spread")
+
+
 @dataclass
 class Settings:
-    """What every scenario shares (see cli.py for the meaning of each)."""
+    """What every scenario shares (see cli.py for the meaning of each).
 
-    target: Target
+    Several targets are nodes of one cluster: `placement` ``room`` puts all of a room's
+    members on one node (rooms round-robin over the nodes), ``spread`` spreads each
+    room's members over all nodes. The CPU of every process in `server_pids` is summed.
+    """
+
+    targets: list[Target]
     workers: int = 1
     loop: str = "auto"
-    server_pid: int | None = None
+    server_pids: list[int] = field(default_factory=list)
+    placement: str = "room"
     duration: float = 5.0
     max_steps: int = 10
     deadline: float = 600.0
@@ -192,6 +210,12 @@ class Settings:
     inflight: int = 200
     pad: int = 0
     keep_going: bool = False
+    warmup: float = 0.0
+
+    @property
+    def target(self) -> Target:
+        """The first (often the only) target."""
+        return self.targets[0]
 
 
 @dataclass
@@ -205,6 +229,14 @@ class Member:
     room: str
     room_size: int
     sender: bool
+    node: int = 0  # index of the target (relay node) this member connects to
+
+
+def failure_line(failed: int, total: int, problems: dict[str, int]) -> str:
+    """One line saying how many connections failed and why, commonest reason first."""
+    reasons = ", ".join(f"{reason} x{count}" for reason, count in
+                        sorted(problems.items(), key=lambda item: (-item[1], item[0])))
+    return f"REFUSED: {failed} of {total} connections failed: {reasons or 'no reason given'}"
 
 
 class Run:
@@ -241,21 +273,44 @@ class Run:
             raise BenchError(f"overall deadline of {self.settings.deadline:g}s reached")
         return min(wanted, left)
 
-    def server_sample(self) -> procstat.Sample | None:
-        pid = self.settings.server_pid
-        if pid is None:
+    def server_sample(self) -> list[procstat.Sample] | None:
+        """One reading of every server process (None when no PID was given)."""
+        if not self.settings.server_pids:
             return None
-        try:
-            return procstat.Sample.of(pid)
-        except (OSError, ValueError) as problem:
-            raise BenchError(f"cannot read the server process {pid}: {problem}") from None
+        samples = []
+        for pid in self.settings.server_pids:
+            try:
+                samples.append(procstat.Sample.of(pid))
+            except (OSError, ValueError) as problem:
+                raise BenchError(f"cannot read the server process {pid}: {problem}") from None
+        return samples
 
-    def usage(self, before: procstat.Sample | None, after: procstat.Sample | None
-              ) -> ProcessUsage | None:
+    def usage(self, before: list[procstat.Sample] | None,
+              after: list[procstat.Sample] | None) -> ProcessUsage | None:
+        """The servers' CPU summed over every PID, and their RSS summed."""
         if before is None or after is None:
             return None
-        return ProcessUsage(after.cpu_s - before.cpu_s, after.at - before.at, after.rss,
-                            before.rss)
+        return ProcessUsage(
+            sum(a.cpu_s - b.cpu_s for a, b in zip(after, before, strict=True)),
+            max(a.at for a in after) - min(b.at for b in before),
+            sum(a.rss or 0 for a in after), sum(b.rss or 0 for b in before))
+
+    def per_server(self, before: list[procstat.Sample] | None,
+                   after: list[procstat.Sample] | None) -> list[dict[str, Any]]:
+        """Each server's own CPU and RSS over a step (shown when there are several)."""
+        if before is None or after is None or len(before) < 2:
+            return []
+        return [{"pid": pid, "cpu_s": round(a.cpu_s - b.cpu_s, 4),
+                 "cpu_percent": round(100 * (a.cpu_s - b.cpu_s) / (a.at - b.at), 1)
+                 if a.at > b.at else None, "rss_bytes": a.rss}
+                for pid, b, a in zip(self.settings.server_pids, before, after, strict=True)]
+
+    def measure_servers(self, step: StepReport, before: list[procstat.Sample] | None,
+                        after: list[procstat.Sample] | None) -> None:
+        step.server = self.usage(before, after)
+        servers = self.per_server(before, after)
+        if servers:
+            step.extra["servers"] = servers
 
     def generator_usage(self, cpu_before: float, at_before: float) -> ProcessUsage:
         return ProcessUsage(self.gen.cpu_seconds() - cpu_before, time.monotonic() - at_before)
@@ -271,27 +326,33 @@ class Run:
 
     def connect(self, members: Sequence[Member], inflight: int | None = None
                 ) -> dict[str, Any]:
-        """Open a connection per member, spread over the workers round-robin."""
+        """Open a connection per member (to its node), spread over the workers
+        round-robin. `problems` counts the failures by reason."""
         settings = self.settings
-        target = settings.target
+        targets = settings.targets
         workers = self.gen.size
         inflight = settings.inflight if inflight is None else inflight
-        specs: list[list[tuple[str, str, int, bool]]] = [[] for _ in range(workers)]
+        specs: list[list[tuple[str, str, str, int, bool]]] = [[] for _ in range(workers)]
         for index, member in enumerate(members):
+            target = targets[member.node]
             specs[index % workers].append(
-                (target.path(member.room), member.room, member.room_size, member.sender))
+                (target.url(member.room), target.host_header, member.room,
+                 member.room_size, member.sender))
         timeout = self.bounded(settings.connect_timeout)
         replies = self.gen.call([
-            {"op": "connect", "host": target.host, "port": target.port,
-             "host_header": target.host_header, "specs": spec,
-             "inflight": math.ceil(inflight / workers), "timeout": timeout}
+            {"op": "connect", "specs": spec, "inflight": math.ceil(inflight / workers),
+             "timeout": timeout}
             for spec in specs
         ], timeout + REPLY_MARGIN_S)
         latencies = [value for reply in replies for value in reply["latencies"]]
+        problems: dict[str, int] = {}
+        for reply in replies:
+            for reason, count in reply["problems"].items():
+                problems[reason] = problems.get(reason, 0) + count
         return {
             "connected": sum(r["connected"] for r in replies),
             "failed": sum(r["failed"] for r in replies),
-            "problems": [p for r in replies for p in r["problems"]][:5],
+            "problems": problems,
             "elapsed_s": max(r["elapsed_s"] for r in replies),
             "latencies": latencies,
         }
@@ -310,10 +371,10 @@ class Run:
 
     # -- a sending step -------------------------------------------------------------
 
-    def sending_step(self, scenario: str, members: Sequence[Member], rate: float
-                     ) -> StepReport:
+    def sending_step(self, scenario: str, members: Sequence[Member], rate: float,
+                     duration: float | None = None) -> StepReport:
         settings = self.settings
-        duration = settings.duration
+        duration = settings.duration if duration is None else duration
         self.bounded(duration + settings.drain_timeout)  # enough time left to start?
         number = self.next_step()
         start_ns = monotonic_ns() + int(START_LEAD_S * 1e9)
@@ -332,7 +393,7 @@ class Run:
             {"op": "drain", "sent_by_room": sent_by_room, "timeout": settings.drain_timeout},
             settings.drain_timeout + REPLY_MARGIN_S,
         )
-        server = self.usage(server_before, self.server_sample())
+        server_after = self.server_sample()
         generator = self.generator_usage(gen_cpu, gen_at)
         room_sizes = {m.room: m.room_size for m in members}
         latencies = array("q")
@@ -349,10 +410,10 @@ class Run:
             stale=sum(r["stale"] for r in drained),
             errors=sum(r["errors"] for r in drained),
             failures=sum(r["closed_unexpectedly"] for r in drained),
-            latency_ms=latency_summary(latencies),
-            server=server, generator=generator,
+            latency_ms=latency_summary(latencies), generator=generator,
             generator_lagging=any(r["lagging"] for r in sent_replies),
         )
+        self.measure_servers(report, server_before, server_after)
         report.extra["send_max_gap_ms"] = round(max(r["max_gap_ms"] for r in sent_replies), 2)
         return report
 
@@ -360,18 +421,33 @@ class Run:
 # -- scenarios ----------------------------------------------------------------------
 
 
+def place(placement: str, nodes: int, room_number: int, position: int) -> int:
+    """The node of a room's `position`-th member: ``room`` keeps a room on one node
+    (rooms round-robin over the nodes); ``spread`` deals a room's members over all the
+    nodes (the first member of each room on a different node, so nodes load evenly)."""
+    if placement == "room":
+        return room_number % nodes
+    if placement == "spread":
+        return (room_number + position) % nodes
+    raise BenchError(f"unknown placement {placement!r} (one of {', '.join(PLACEMENTS)})")
+
+
 def room_members(run: Run, clients: int, rooms: int, senders_per_room: int | None
                  ) -> list[Member]:
     """`clients` members spread evenly over `rooms` rooms; the first `senders_per_room`
-    of each room send (all of them when None)."""
+    of each room send (all of them when None); each member placed on a node."""
     if rooms < 1 or clients < rooms:
         raise BenchError(f"{clients} clients cannot fill {rooms} rooms")
     sizes = [clients // rooms + (1 if r < clients % rooms else 0) for r in range(rooms)]
+    nodes = len(run.settings.targets)
+    placement = run.settings.placement
     members = []
     for number, size in enumerate(sizes):
         room = run.room_name(number)
         senders = size if senders_per_room is None else min(size, senders_per_room)
-        members.extend(Member(room, size, position < senders) for position in range(size))
+        members.extend(Member(room, size, position < senders,
+                              place(placement, nodes, number, position))
+                       for position in range(size))
     return members
 
 
@@ -414,10 +490,20 @@ def run_rooms(settings: Settings, report: Callable[[StepReport], None], scenario
         schedule = rate_schedule(rates, *ramp, settings.max_steps)
         joined = run.connect(members)
         if joined["failed"]:
-            raise BenchError(f"{joined['failed']} of {len(members)} connections failed: "
-                             f"{joined['problems']}")
+            run.close_all()
+            result.summary = {
+                "kind": "summary", "scenario": scenario, "clients": clients,
+                "rooms": rooms, "stopped": "connections failed",
+                "refused": joined["problems"], "failed": joined["failed"],
+                "refusal": failure_line(joined["failed"], len(members), joined["problems"]),
+                "saturation": None, "steps": 0,
+            }
+            return result
         settled = run.settle()
         stopped = "all steps done"
+        if settings.warmup > 0 and schedule and run.left() > settings.warmup + 10:
+            # Not reported: caches, JITs and socket buffers warm up at the first rate.
+            run.sending_step(scenario, members, schedule[0], settings.warmup)
         for rate in schedule:
             if run.left() < settings.duration + settings.drain_timeout:
                 stopped = "overall deadline"
@@ -463,18 +549,19 @@ def run_idle(settings: Settings, report: Callable[[StepReport], None], clients: 
     result = Result()
     with run.running():
         members = room_members(run, clients, rooms, None)
-        members = [Member(m.room, m.room_size, False) for m in members]
+        members = [Member(m.room, m.room_size, False, m.node) for m in members]
         baseline = run.server_sample()
+        baseline_rss = sum(s.rss or 0 for s in baseline) if baseline else None
         parts = max(1, min(settings.max_steps, clients))
         held = 0
-        previous_rss = baseline.rss if baseline else None
+        previous_rss = baseline_rss
         for part in range(parts):
             chunk = members[part * clients // parts:(part + 1) * clients // parts]
             number = run.next_step()
             server_before = run.server_sample()
             gen_cpu, gen_at = run.gen.cpu_seconds(), time.monotonic()
             joined = run.connect(chunk)
-            connect_usage = run.usage(server_before, run.server_sample())
+            connect_after = run.server_sample()
             held += joined["connected"]
             settled = run.settle() if part == parts - 1 else True
             if hold > 0:
@@ -484,26 +571,31 @@ def run_idle(settings: Settings, report: Callable[[StepReport], None], clients: 
                 scenario="idle", step=number, duration_s=joined["elapsed_s"],
                 connections=held, rooms=len({m.room for m in members[:held]}),
                 failures=joined["failed"], latency_ms=latency_summary(joined["latencies"]),
-                server=connect_usage, generator=run.generator_usage(gen_cpu, gen_at),
+                generator=run.generator_usage(gen_cpu, gen_at),
                 unit="connection", units=joined["connected"],
             )
+            run.measure_servers(step, server_before, connect_after)
             step.latency_bound = False
             step.extra.update(
                 conns_per_s=round(joined["connected"] / joined["elapsed_s"], 1)
                 if joined["elapsed_s"] else None,
                 settled=settled, problems=joined["problems"],
             )
-            if baseline is not None and after is not None:
-                step.server.rss_bytes = after.rss  # type: ignore[union-attr]
+            if joined["failed"]:
+                step.extra["refusal"] = failure_line(joined["failed"], len(chunk),
+                                                     joined["problems"])
+            if baseline is not None and after is not None and previous_rss is not None:
+                rss = sum(sample.rss or 0 for sample in after)
+                step.server.rss_bytes = rss  # type: ignore[union-attr]
                 step.extra.update(
-                    rss_baseline_bytes=baseline.rss, rss_bytes=after.rss,
-                    bytes_per_connection=round((after.rss - baseline.rss) / held)
+                    rss_baseline_bytes=baseline_rss, rss_bytes=rss,
+                    bytes_per_connection=round((rss - baseline_rss) / held)
                     if held else None,
                     step_bytes_per_connection=round(
-                        (after.rss - previous_rss) / joined["connected"])
+                        (rss - previous_rss) / joined["connected"])
                     if joined["connected"] else None,
                 )
-                previous_rss = after.rss
+                previous_rss = rss
             result.steps.append(step)
             report(step)
         run.close_all()
@@ -512,9 +604,11 @@ def run_idle(settings: Settings, report: Callable[[StepReport], None], clients: 
         "kind": "summary", "scenario": "idle", "clients": clients, "rooms": rooms,
         "connections_held": last.connections if last else 0,
         "bytes_per_connection": last.extra.get("bytes_per_connection") if last else None,
-        "rss_baseline_bytes": baseline.rss if baseline else None,
+        "rss_baseline_bytes": baseline_rss,
         "rss_bytes": last.extra.get("rss_bytes") if last else None,
+        "failed": sum(s.failures for s in result.steps),
     }
+    _add_refusals(result, clients)
     return result
 
 
@@ -533,16 +627,20 @@ def run_connect(settings: Settings, report: Callable[[StepReport], None], client
             server_before = run.server_sample()
             gen_cpu, gen_at = run.gen.cpu_seconds(), time.monotonic()
             joined = run.connect(members, inflight)
-            server = run.usage(server_before, run.server_sample())
+            server_after = run.server_sample()
             generator = run.generator_usage(gen_cpu, gen_at)
             closing_started = time.monotonic()
             closed = run.close_all()
             step = StepReport(
                 scenario="connect", step=number, duration_s=joined["elapsed_s"],
                 connections=joined["connected"], rooms=rooms, failures=joined["failed"],
-                latency_ms=latency_summary(joined["latencies"]), server=server,
+                latency_ms=latency_summary(joined["latencies"]),
                 generator=generator, unit="connection", units=joined["connected"],
             )
+            run.measure_servers(step, server_before, server_after)
+            if joined["failed"]:
+                step.extra["refusal"] = failure_line(joined["failed"], clients,
+                                                     joined["problems"])
             step.latency_bound = False
             step.extra.update(
                 inflight=inflight,
@@ -562,25 +660,34 @@ def run_connect(settings: Settings, report: Callable[[StepReport], None], client
         "server_cpu_us_per_connection": _maybe_round(median(
             [s.server_cpu_us_per_unit for s in result.steps
              if s.server_cpu_us_per_unit is not None])),
+        "failed": sum(s.failures for s in result.steps),
     }
+    _add_refusals(result, clients * len(result.steps))
     return result
 
 
 REGISTRY_SIZES = ("currentRooms", "currentConnections", "openWebSockets", "trackedAddresses")
 
 
-def registry_sizes(target: Target) -> dict[str, int] | None:
-    """The relay's own counts of what it holds, from its /stats (None if unreadable).
+def registry_sizes(targets: Sequence[Target]) -> dict[str, int] | None:
+    """The relays' own counts of what they hold, from their /stats, summed over the
+    nodes (None if one is unreadable).
 
     After a soak every one of them must be back to zero: anything left is a leak.
     """
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    try:
-        with urlopen(f"http://{host}:{target.port}{target.base}/stats", timeout=5) as reply:
-            stats = json.load(reply)
-    except (OSError, ValueError):
-        return None
-    return {name: stats[name] for name in REGISTRY_SIZES if name in stats}
+    sizes: dict[str, int] = {}
+    for target in targets:
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        try:
+            with urlopen(f"http://{host}:{target.port}{target.base}/stats",
+                         timeout=5) as reply:
+                stats = json.load(reply)
+        except (OSError, ValueError):
+            return None
+        for name in REGISTRY_SIZES:
+            if isinstance(stats.get(name), int):
+                sizes[name] = sizes.get(name, 0) + stats[name]
+    return sizes
 
 
 def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: int,
@@ -589,8 +696,8 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
     from part to part is a leak."""
     run = Run(settings, report)
     result = Result()
-    target = settings.target
-    sizes_before = registry_sizes(target)
+    targets = settings.targets
+    sizes_before = registry_sizes(targets)
     with run.running():
         parts = max(1, min(settings.max_steps, cycles))
         workers = run.gen.size
@@ -605,16 +712,17 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
             gen_cpu, gen_at = run.gen.cpu_seconds(), time.monotonic()
             started = time.monotonic()
             timeout = run.bounded(cycle_timeout * max(1, math.ceil(count / concurrency)))
+            # Pairs go to the nodes in turn (a worker's share to one node per part).
             replies = run.gen.call([
-                {"op": "soak", "host": target.host, "port": target.port,
-                 "host_header": target.host_header, "base": target.base,
+                {"op": "soak", "url": targets[(index + part) % len(targets)].base_url,
+                 "host_header": targets[(index + part) % len(targets)].host_header,
                  "prefix": f"soak-{run.tag}", "step": number, "cycles": share,
                  "concurrency": math.ceil(concurrency / workers), "messages": messages,
                  "pad": settings.pad, "timeout": cycle_timeout}
-                for share in shares
+                for index, share in enumerate(shares)
             ], timeout + REPLY_MARGIN_S)
             elapsed = time.monotonic() - started
-            server = run.usage(server_before, run.server_sample())
+            server_after = run.server_sample()
             latencies = array("q")
             for reply in replies:
                 latencies.frombytes(reply["latencies"])
@@ -629,15 +737,23 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
                 errors=sum(r["errors"] for r in replies),
                 failures=sum(r["failed"] for r in replies)
                 + sum(r["closed_unexpectedly"] for r in replies),
-                latency_ms=latency_summary(latencies), server=server,
+                latency_ms=latency_summary(latencies),
                 generator=run.generator_usage(gen_cpu, gen_at), unit="cycle", units=done,
             )
+            run.measure_servers(step, server_before, server_after)
+            problems: dict[str, int] = {}
+            for reply in replies:
+                for reason, problem_count in reply["problems"].items():
+                    problems[reason] = problems.get(reason, 0) + problem_count
             step.extra.update(
                 cycles=done, cycles_per_s=round(done / elapsed, 1) if elapsed else None,
                 connect_ms=latency_summary(
                     [v for r in replies for v in r["connect_latencies"]]),
-                problems=[p for r in replies for p in r["problems"]][:5],
+                problems=problems,
             )
+            if problems:
+                step.extra["refusal"] = failure_line(sum(problems.values()), count,
+                                                     problems)
             result.steps.append(step)
             report(step)
     rss = [s.server.rss_bytes for s in result.steps if s.server and s.server.rss_bytes]
@@ -652,9 +768,21 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
         "rss_last_bytes": rss[-1] if rss else None,
         "rss_growth_bytes": rss[-1] - rss[0] if rss else None,
         "registry_before": sizes_before,
-        "registry_after": registry_sizes(target),
+        "registry_after": registry_sizes(targets),
     }
+    _add_refusals(result, 2 * sum(s.rooms for s in result.steps))
     return result
+
+
+def _add_refusals(result: Result, attempted: int) -> None:
+    """Every step's failures by reason, summed into the summary (first in its report)."""
+    refused: dict[str, int] = {}
+    for step in result.steps:
+        for reason, count in step.extra.get("problems", {}).items():
+            refused[reason] = refused.get(reason, 0) + count
+    if refused:
+        result.summary["refused"] = refused
+        result.summary["refusal"] = failure_line(sum(refused.values()), attempted, refused)
 
 
 def _maybe_round(value: float | None, digits: int = 2) -> float | None:

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 import threading
 import traceback
+from collections import Counter
 from collections.abc import Awaitable
 from multiprocessing.connection import Connection
 from time import monotonic_ns
 from typing import Any
 
-from iw_relay.bench.wsclient import BenchClient, Tally
+from iw_relay.bench.wsclient import (
+    CONNECT_ERRORS,
+    BenchClient,
+    Tally,
+    describe_failure,
+    open_client,
+)
 
 TICK_S = 0.002  # how often a sending worker tops its senders up to the target rate
 # The sending loop is behind (the generator is a bottleneck) when a tick comes this late.
@@ -107,41 +113,30 @@ class Worker:
 
     # -- connections ----------------------------------------------------------------
 
-    async def _open(self, host: str, port: int, host_header: str, path: str, room: str,
-                    room_size: int, sender: bool) -> BenchClient:
-        loop = asyncio.get_running_loop()
-        transport, client = await loop.create_connection(
-            lambda: BenchClient(self.tally, host_header, path, room, room_size, sender),
-            host, port,
-        )
-        try:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await client.opened
-        except BaseException:
-            client.abort()
-            raise
-        return client
+    async def _open(self, url: str, host_header: str, room: str, room_size: int,
+                    sender: bool) -> BenchClient:
+        tally = self.tally
+        return await open_client(
+            url, host_header, lambda: BenchClient(tally, room, room_size, sender))
 
-    async def op_connect(self, host: str, port: int, host_header: str,
-                         specs: list[tuple[str, str, int, bool]], inflight: int,
+    async def op_connect(self, specs: list[tuple[str, str, str, int, bool]], inflight: int,
                          timeout: float) -> dict[str, Any]:
-        """Open one connection per spec (path, room, room size, sender), at most
-        `inflight` handshakes at a time; time each from TCP connect to ``connected``."""
+        """Open one connection per spec (url, Host header, room, room size, sender), at
+        most `inflight` handshakes at a time; time each from TCP connect to
+        ``connected``. Failures are counted by reason (HTTP status, close code...)."""
         gate = asyncio.Semaphore(max(1, inflight))
         latencies: list[int] = []
-        problems: list[str] = []
+        problems: Counter[str] = Counter()
         opened: list[BenchClient] = []
 
-        async def one(spec: tuple[str, str, int, bool]) -> None:
+        async def one(spec: tuple[str, str, str, int, bool]) -> None:
             async with gate:
                 started = monotonic_ns()
                 try:
                     async with asyncio.timeout(timeout):
-                        client = await self._open(host, port, host_header, *spec)
-                except (OSError, TimeoutError) as problem:
-                    problems.append(f"{type(problem).__name__}: {problem}")
+                        client = await self._open(*spec)
+                except CONNECT_ERRORS as problem:
+                    problems[describe_failure(problem)] += 1
                     return
                 latencies.append(monotonic_ns() - started)
                 opened.append(client)
@@ -150,8 +145,8 @@ class Worker:
         await asyncio.gather(*(one(spec) for spec in specs))
         elapsed = (monotonic_ns() - started) / 1e9
         self.clients.extend(opened)
-        return {"connected": len(opened), "failed": len(problems), "problems": problems[:5],
-                "elapsed_s": elapsed, "latencies": latencies}
+        return {"connected": len(opened), "failed": sum(problems.values()),
+                "problems": dict(problems), "elapsed_s": elapsed, "latencies": latencies}
 
     async def op_settle(self, timeout: float) -> dict[str, Any]:
         """Wait until every connection has heard its room is full (``userCount``), so
@@ -255,30 +250,30 @@ class Worker:
 
     # -- soak -----------------------------------------------------------------------
 
-    async def op_soak(self, host: str, port: int, host_header: str, base: str, prefix: str,
-                      step: int, cycles: int, concurrency: int, messages: int, pad: int,
+    async def op_soak(self, url: str, host_header: str, prefix: str, step: int,
+                      cycles: int, concurrency: int, messages: int, pad: int,
                       timeout: float) -> dict[str, Any]:
         """`cycles` times, with `concurrency` at once: two connections join a fresh room,
         each sends `messages` bench messages, each waits for the other's, both leave."""
         self.tally.reset(step)
         extra = padding(pad)
         gate = asyncio.Semaphore(max(1, concurrency))
-        problems: list[str] = []
+        problems: Counter[str] = Counter()
         done = 0
         connect_latencies: list[int] = []
 
         async def cycle(number: int) -> None:
             nonlocal done
             room = f"{prefix}-{self.index}-{step}-{number}"
-            path = f"{base}/room/{room}"
+            room_url = f"{url}/room/{room}"
             pair: list[BenchClient] = []
             async with gate:
                 try:
                     async with asyncio.timeout(timeout):
                         for _ in range(2):
                             started = monotonic_ns()
-                            pair.append(await self._open(host, port, host_header, path, room,
-                                                         2, True))
+                            pair.append(await self._open(room_url, host_header, room, 2,
+                                                         True))
                             connect_latencies.append(monotonic_ns() - started)
                         for _ in range(messages):
                             for client in pair:
@@ -289,13 +284,13 @@ class Worker:
                             client.close()
                         await asyncio.gather(*(c.closed for c in pair))
                     done += 1
-                except (OSError, TimeoutError) as problem:
-                    problems.append(f"{type(problem).__name__}: {problem}")
+                except CONNECT_ERRORS as problem:
+                    problems[describe_failure(problem)] += 1
                     for client in pair:
                         client.abort()
 
         await asyncio.gather(*(cycle(number) for number in range(cycles)))
         reply = self._tally_reply(2 * messages * cycles)
-        reply.update(done=done, failed=len(problems), problems=problems[:5],
+        reply.update(done=done, failed=sum(problems.values()), problems=dict(problems),
                      sent=2 * messages * cycles, connect_latencies=connect_latencies)
         return reply
