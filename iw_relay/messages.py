@@ -111,10 +111,11 @@ def stamped(payload: bytes, connection_id: str,
     message = decode_client_message(payload)
     target = message.get("to")
     target = target if isinstance(target, str) else None
-    if "connectionId" not in message and "timestamp" not in message:
+    if "connectionId" not in message and "timestamp" not in message and payload.isascii():
         # The client's own JSON, already checked, with the two stamps appended before its
         # closing brace: re-encoding the whole message cost more than decoding it. Its
-        # spacing and escapes reach the peers as the client wrote them (same JSON value).
+        # spacing and escapes reach the peers as the client wrote them (same JSON value);
+        # non-ASCII text is re-encoded, so that it always arrives as \u escapes.
         body = payload.rstrip(_JSON_BLANKS)
         if body.endswith(b"}"):
             return b'%s,"connectionId":"%s","timestamp":%d}' % (
