@@ -27,7 +27,10 @@ setup(
     extras_require={
         "test": [
             "pytest", "pytest-twisted", "pytest-timeout", "treq", "trustme", "hypothesis",
-            "ruff", "pyyaml", "docutils", "mypy",
+            "ruff", "pyyaml", "docutils",
+            # tests/test_static_checks.py: mypy with the plugin that understands
+            # zope.interface (Twisted's interfaces); settings in mypy.ini.
+            "mypy", "mypy-zope",
             # tests/test_readme.py builds docs/ with warnings as errors.
             "sphinx",
             # Drives the system's chromium (apt-get install chromium) in test_browser.py;

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import inspect
 import pprint
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import autobahn
 import txaio
@@ -41,6 +42,9 @@ from autobahn.websocket.protocol import PreparedMessage, TrafficStats, WebSocket
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 from iw_relay.fastframe import next_simple_frame
 
@@ -55,6 +59,17 @@ _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 _HANDSHAKE_STATE = ("http_request_data", "http_headers", "http_status_line",
                     "http_request_uri", "http_request_path", "http_request_params",
                     "http_request_host", "http_response_data", "websocket_origin", "_wskey")
+
+class _NoSendQueue(deque[Any]):
+    """Autobahn's send queue for connections that never use it: it queues only "sync"
+    and chopped sends, which the relay never makes. One shared, always empty instance
+    instead of a deque per connection saves ~700 bytes each; adding to it is a bug."""
+
+    def append(self, item: Any) -> None:
+        raise RuntimeError("the relay never queues in Autobahn's send queue")
+
+
+_NO_SEND_QUEUE = _NoSendQueue()
 
 # Per-connection attributes Autobahn sets on every connection, and what they nearly
 # always hold once it is open. As class attributes, an open connection need not carry
@@ -74,7 +89,7 @@ _OPEN_DEFAULTS: dict[str, Any] = {
         "wasServerConnectionDropTimeout", "wasServingFlashSocketPolicyFile"), False),
     "autoPingPendingSeq": 0,
     "send_state": 0,
-    "send_queue": (),
+    "send_queue": _NO_SEND_QUEUE,
     "data": b"",
     "websocket_version": 13,  # RFC 6455's; Autobahn also accepts drafts 8 and 10
 }
@@ -255,6 +270,8 @@ class LeanServerProtocol(WebSocketServerProtocol):
     _reading_paused = False
     _resume_call: Any = None
     _frame_refused = False  # the control frame being read was refused by frame_allowed()
+    #: One of Autobahn's options (CONFIG_ATTRS), set on the class by protocol_class_for.
+    openHandshakeTimeout: float
 
     # -- hooks for the subclass ---------------------------------------------------------
 
@@ -275,11 +292,9 @@ class LeanServerProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         set_tcp_nodelay(self.transport)
-        # Autobahn queues only "sync" and chopped sends, which the relay never makes; an
-        # empty tuple instead of its deque saves ~700 bytes a connection.
-        self.send_queue = ()
+        self.send_queue = _NO_SEND_QUEUE
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._resume_call is not None:
             self._resume_call.cancel()
             self._resume_call = None
@@ -330,10 +345,6 @@ class LeanServerProtocol(WebSocketServerProtocol):
                          if getattr(cls, name, state) is not value}
 
     @property
-    def is_open_now(self) -> bool:
-        return self.state == _OPEN
-
-    @property
     def close_code(self) -> int | None:
         """The code this side sent when it closed first, else the peer's (1006: dropped)."""
         return self.localCloseCode if self.closedByMe else self.remoteCloseCode
@@ -379,7 +390,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
             self._resume_call.cancel()
             self._resume_call = None
         self._reading_paused = True
-        self.transport.pauseProducing()
+        cast(IPushProducer, self.transport).pauseProducing()
         if seconds is not None:
             self._resume_call = clock.callLater(max(seconds, 0.0), self._resume_reading)
 
@@ -391,7 +402,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
         self._resume_call = None
         self._reading_paused = False
         if self.state in (_OPEN, _CLOSING):
-            self.transport.resumeProducing()
+            cast(IPushProducer, self.transport).resumeProducing()
             if self.data:
                 self.consumeData()  # what was read before the pause, then the socket
 
@@ -410,7 +421,8 @@ class LeanServerProtocol(WebSocketServerProtocol):
     def processControlFrame(self) -> bool:
         if self._frame_refused and self.current_frame.opcode != _CLOSE:
             self._frame_refused = False
-            self.control_frame_data = None
+            # None, as Autobahn leaves it after a control frame (a list at the next one).
+            self.control_frame_data = None  # type: ignore[assignment]
             return True
         if self.current_frame.opcode == _PONG and self.autoPingPending:
             payload = b"".join(self.control_frame_data)
@@ -438,8 +450,10 @@ for _name, _value in _OPEN_DEFAULTS.items():
         setattr(LeanServerProtocol, _name, _value)
 
 
-def protocol_class_for(factory: WebSocketServerFactory,
-                       base: type[LeanServerProtocol]) -> type[LeanServerProtocol]:
+_Lean = TypeVar("_Lean", bound="LeanServerProtocol")
+
+
+def protocol_class_for(factory: WebSocketServerFactory, base: type[_Lean]) -> type[_Lean]:
     """A subclass of `base` carrying `factory`'s Autobahn options as class attributes.
 
     Autobahn copies ~30 options from the factory onto every connection, unless the
@@ -452,7 +466,7 @@ def protocol_class_for(factory: WebSocketServerFactory,
     options = {name: staticmethod(value) if callable(value) else value
                for name, value in options.items()}
     options["__module__"] = base.__module__
-    return type(base.__name__, (base,), options)
+    return cast("type[_Lean]", type(base.__name__, (base,), options))
 
 
 # The header of an unmasked, final text frame, by payload length (up to 125).
@@ -527,8 +541,10 @@ def tune_autobahn() -> None:
     the whole process, so the twistd plugin calls it and an embedding application may.
     """
     global _debugging_when_tuned
-    _debugging_when_tuned = txaio.get_global_log_level() in _VERBOSE
-    websocket_protocol.pformat = _pformat
+    # txaio fills in its API at run time (txaio.use_twisted), and the helpers are replaced
+    # where the Autobahn modules imported them: the type checker sees neither.
+    _debugging_when_tuned = txaio.get_global_log_level() in _VERBOSE  # type: ignore[attr-defined]
+    websocket_protocol.pformat = _pformat  # type: ignore[assignment]
     for module in (websocket_protocol, twisted_websocket):
-        module.hltype = _hltype
-        module.hlval = _hlval
+        module.hltype = _hltype  # type: ignore[attr-defined]
+        module.hlval = _hlval  # type: ignore[attr-defined]

@@ -10,7 +10,6 @@ that the command line, the environment and embedding code all share one set of r
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -236,7 +235,8 @@ OPTIONS: tuple[Option, ...] = (
            "ENDPOINT", "list", shown_default="tcp:$PORT if PORT is set, else tcp:3000"),
     Option("rate-limit", "rate_limit", parse_positive_int, "100",
            "Frames (messages, pings, pongs, continuation frames) per rate window per "
-           "connection; excess messages are dropped with RATE_LIMIT_EXCEEDED.", "N"),
+           "connection; frames over it are dropped, with one RATE_LIMIT_EXCEEDED a "
+           "window.", "N"),
     Option("rate-window", "rate_window", _positive_duration, "1s",
            "Length of the rate-limit window: the allowance is refilled once per window.",
            "DURATION"),
@@ -401,6 +401,8 @@ class RelayConfig:
             raise ValueError("recovery_window must not be negative")
         if min(self.recovery_max_messages, self.recovery_max_bytes) < 1:
             raise ValueError("recovery_max_messages and recovery_max_bytes must be >= 1")
+        if self.recovery_window > 0 and self.redis:
+            raise ValueError("recovery_window works on one node only for now: not with redis")
         if min(self.rate_limit, self.max_message_size, self.max_send_buffer,
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "
@@ -414,9 +416,6 @@ class RelayConfig:
                              "together: TURN credentials need both")
         if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
             raise ValueError("unknown log level or format")
-
-    def replace(self, **changes: object) -> RelayConfig:
-        return dataclasses.replace(self, **changes)
 
 
 
@@ -455,8 +454,3 @@ def environment_settings(environ: Mapping[str, str]) -> dict[str, tuple[str, str
     if "log-format" not in found and environ.get("NODE_ENV") == "production":
         found["log-format"] = ("NODE_ENV", "json")
     return found
-
-
-def settings_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """Option values (unparsed) that the environment gives, by option name."""
-    return {name: text for name, (_, text) in environment_settings(environ).items()}

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import ProtocolWrapper
@@ -39,6 +39,9 @@ from iw_relay.admission import (
     proxy_networks,
 )
 from iw_relay.config import RelayConfig
+
+if TYPE_CHECKING:
+    from iw_relay.protocol import RelayServerProtocol
 
 MAX_REQUEST_LINE = 8192
 MAX_HEAD = 16384
@@ -228,9 +231,10 @@ class FrontDoor(Protocol):
     """One accepted connection until its request head has been dealt with."""
 
     factory: FrontDoorFactory
+    transport: ITCPTransport  # an accepted connection's (set by makeConnection)
     _log = Logger()
 
-    def __init__(self, factory: FrontDoorFactory, address: IAddress) -> None:
+    def __init__(self, factory: FrontDoorFactory, address: IAddress | None) -> None:
         self.factory = factory
         self._address = address
         self._buffer = b""
@@ -324,12 +328,14 @@ class FrontDoor(Protocol):
     def _upgrade(self, raw: bytes) -> None:
         """Hand the exact bytes received to a new Autobahn protocol on this transport."""
         transport = self.transport
-        protocol = self.factory.websocket.buildProtocol(self._address)
+        protocol = cast("RelayServerProtocol",
+                        self.factory.websocket.buildProtocol(self._address))
         # The head is complete and Autobahn answers it within this call: the front door's
         # deadline has done the opening-handshake timer's job (it would cost a timer).
         protocol.openHandshakeTimeout = 0
         admission, self._admission = self._admission, None
-        admission.upgraded()
+        if admission is not None:  # (the head was admitted: it is not)
+            admission.upgraded()
         protocol.admission = admission  # released when that protocol closes
         if not _attach(transport, self, protocol):
             self._delegate = protocol
@@ -378,7 +384,7 @@ class FrontDoor(Protocol):
             self._deadline.cancel()
         self._deadline = None
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         if self._admission is not None:
             self._admission.release()
@@ -406,7 +412,7 @@ def _text(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
-class FrontDoorFactory(Factory):
+class FrontDoorFactory(Factory["FrontDoor"]):
     """Builds a FrontDoor per accepted connection; shares the relay's Site, Autobahn
     factory and connection counter."""
 
@@ -439,7 +445,7 @@ class FrontDoorFactory(Factory):
         """The name in "RelaySite starting on 3000", the line operators already know."""
         return "RelaySite"
 
-    def buildProtocol(self, addr: IAddress) -> FrontDoor:
+    def buildProtocol(self, addr: IAddress | None) -> FrontDoor:
         return FrontDoor(self, addr)
 
     def is_trusted_proxy(self, peer: str) -> bool:

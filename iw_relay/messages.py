@@ -40,6 +40,7 @@ INTERNAL_ERROR_REASON = "Internal server error"
 ROOM_FULL_MESSAGE = "Room is full"
 FLOOD_REASON = "Rate limit exceeded"
 AUTH_REASON = "Invalid authentication token"
+RESUMED_REASON = "Session resumed on another connection"
 SLOW_CONSUMER_REASON = "Slow consumer: messages were not read in time"
 
 PARSE_ERROR_MESSAGE = "Invalid message format - must be valid JSON"
@@ -97,21 +98,23 @@ def decode_client_message(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def relayed(payload: bytes, connection_id: str, timestamp_ms: int) -> bytes:
-    """The relayed form of a client frame: every field it had, plus the sender's id and
-    the time; MessageError when the frame is not a message the relay accepts."""
-    return stamped(payload, connection_id, timestamp_ms)[0]
+def stamped(payload: bytes, connection_id: str, timestamp_ms: int,
+            owns_seq: bool = False) -> tuple[bytes, str | None]:
+    """The relayed form of a client frame (every field it had, plus the sender's id and
+    the time) and its unicast target: its ``to`` when that is a string (a member's
+    connection id), else None (a broadcast, as for every client before ``to`` existed).
+    The ``to`` field stays in the relayed message. MessageError when the frame is not a
+    message the relay accepts.
 
-
-def stamped(payload: bytes, connection_id: str,
-            timestamp_ms: int) -> tuple[bytes, str | None]:
-    """`relayed(...)` and the message's unicast target: its ``to`` when that is a string
-    (a member's connection id), else None (a broadcast, as for every client before ``to``
-    existed). The ``to`` field stays in the relayed message."""
+    `owns_seq` (connection recovery on): a ``seq`` the client put in is removed, since
+    the relay adds its own; with recovery off it stays, as it always did."""
     message = decode_client_message(payload)
     target = message.get("to")
     target = target if isinstance(target, str) else None
-    if "connectionId" not in message and "timestamp" not in message and payload.isascii():
+    if owns_seq and "seq" in message:
+        message.pop("seq")
+    elif ("connectionId" not in message and "timestamp" not in message
+            and payload.isascii()):
         # The client's own JSON, already checked, with the two stamps appended before its
         # closing brace: re-encoding the whole message cost more than decoding it. Its
         # spacing and escapes reach the peers as the client wrote them (same JSON value);
@@ -138,12 +141,15 @@ def rate_limit_error(limit: int, window: float) -> bytes:
 
 
 def connected(connection_id: str, room_id: str, user_count: int,
-              peers: list[str] | None = None) -> bytes:
-    """`peers`: the connection ids of the others in the room (WebRTC signaling)."""
-    return encode(
-        {"type": "connected", "connectionId": connection_id, "roomId": room_id,
-         "userCount": user_count, "peers": peers or []}
-    )
+              peers: list[str] | None = None,
+              recovery: dict[str, object] | None = None) -> bytes:
+    """`peers`: the connection ids of the others in the room (WebRTC signaling);
+    `recovery`: ``epoch``, ``seq``, ``resumeToken``, ``recovered`` (recovery on only)."""
+    message = {"type": "connected", "connectionId": connection_id, "roomId": room_id,
+               "userCount": user_count, "peers": peers or []}
+    if recovery:
+        message.update(recovery)
+    return encode(message)
 
 
 def user_joined(connection_id: str, user_count: int) -> bytes:

@@ -118,6 +118,7 @@ class RelayCollector:
                  "dropped", "badEnvelopes"),
             ):
                 yield CounterMetricFamily(name, doc, value=cluster[key])
+        yield from registry.recovery.metric_families()  # nothing while recovery is off
         yield registry.relay_seconds.family("iwrelay_relay_seconds",
                                             "Time spent relaying one message to its room")
 

@@ -29,7 +29,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from iw_relay import messages
 from iw_relay._autobahn import (
@@ -83,7 +85,8 @@ def room_problem(room_id: str | None) -> str | None:
     return None
 
 
-class RelayServerProtocol(Outbox, LeanServerProtocol):
+# Autobahn's two base classes declare `peer` and `_transport_details` differently.
+class RelayServerProtocol(Outbox, LeanServerProtocol):  # type: ignore[misc]
     """One client connection: a member of one room once the handshake is done."""
 
     _log = Logger()
@@ -94,6 +97,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     admission: Any = None
     _requested_room: str | None = None
     _token: str | None = None
+    #: (token, since, epoch) of a ``?resume=`` handshake, with recovery on.
+    _resume: tuple[str | None, str | None, str | None] | None = None
     _limiter: TokenBucket | None = None
     _joined = False
 
@@ -120,9 +125,13 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
             factory.registry.count_refused("origin")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
         self._requested_room = requested_room(self.request_target)
-        self._token = (request.params.get("token") or [None])[0]
+        params = request.params
+        self._token = (params.get("token") or [None])[0]
+        if factory.owns_seq and "resume" in params:
+            self._resume = tuple((params.get(name) or [None])[0]
+                                 for name in ("resume", "since", "epoch"))
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.admission is not None:
             self.admission.release()
             self.admission = None
@@ -139,31 +148,44 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
 
     def _join(self) -> None:
         factory = self.factory
-        problem = room_problem(self._requested_room)
+        room_id = self._requested_room or ""  # room_problem refuses "" as it does None
+        problem = room_problem(room_id)
         if problem is not None:
             self._log.info("refused a connection: {problem}", problem=problem.split(".")[0])
             self.close(messages.CLOSE_POLICY_VIOLATION, problem)
             return
         config = factory.config
-        room_id = self._requested_room
         if config.auth_secret is not None and not token_allows(
             self._token, config.auth_secret, room_id
         ):
             self._log.info("refused a connection: invalid authentication token")
             self.close(messages.CLOSE_POLICY_VIOLATION, messages.AUTH_REASON)
             return
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            # A member coming back is counted in its room already: no room-size check.
+            self._enter()
+            if factory.registry.resume(self, room_id, *resume):
+                self._joined = True
+                return
         if config.max_room_size and factory.registry.room_size(room_id) >= config.max_room_size:
             self._log.info("refused a connection: room {room} is full", room=room_hash(room_id))
             self._reply(messages.error(messages.ROOM_FULL, messages.ROOM_FULL_MESSAGE))
             self.close(messages.CLOSE_POLICY_VIOLATION, messages.ROOM_FULL_MESSAGE)
             return
+        if resume is None:
+            self._enter()
+        self.connection_id = secrets.token_hex(8)
+        self._joined = True
+        factory.registry.join(self, room_id)
+
+    def _enter(self) -> None:
+        """What every member needs once admitted: bounded sends, a rate limit, and no
+        copy of the handshake (room id, tokens) kept."""
         self.watch_send_buffer()
         self._requested_room = self._token = None
         self.forget_handshake()
-        self.connection_id = secrets.token_hex(8)
-        self._limiter = factory.bucket(factory.clock.seconds())
-        self._joined = True
-        factory.registry.join(self, room_id)
+        self._limiter = self.factory.bucket(self.factory.clock.seconds())
 
     # -- relay --------------------------------------------------------------------------
 
@@ -184,7 +206,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
             return
         try:
             relayed, target = messages.stamped(
-                payload, self.connection_id, int(factory.wall_clock() * 1000)
+                payload, self.connection_id, int(factory.wall_clock() * 1000),
+                factory.owns_seq,
             )
         except messages.MessageError as refused:
             self._log.debug("{connection_id} sent a message refused with {code}",
@@ -213,6 +236,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         """
         factory = self.factory
         limiter = self._limiter
+        if limiter is None:  # not joined yet: frames are not counted
+            return True
         now = factory.clock.seconds()
         if limiter.allow(now):
             return True
@@ -237,7 +262,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._joined:
             self._joined = False
-            self.factory.registry.leave(self, self.close_code)
+            self.factory.registry.leave(self, self.close_code, self.closedByMe)
 
     # -- sending (outbox.py) ------------------------------------------------------------
 
@@ -287,7 +312,9 @@ class RelayServerFactory(WebSocketServerFactory):
     """Builds a RelayServerProtocol per connection, all sharing one RoomRegistry, and
     writes what members queued once per reactor turn."""
 
-    protocol = RelayServerProtocol
+    # Autobahn's factory subclasses Twisted's Factory without its type parameter, so its
+    # protocol attribute expects the default protocol type, not this (narrower) one.
+    protocol = RelayServerProtocol  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -309,6 +336,8 @@ class RelayServerFactory(WebSocketServerFactory):
                                                  messages.UNKNOWN_PEER_MESSAGE)
         self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.allowed_origins = frozenset(config.allowed_origins)
+        #: Connection recovery is on: the relay numbers messages (a client's seq goes).
+        self.owns_seq = registry.recovery.enabled
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,

@@ -33,8 +33,9 @@ from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IDelayedCall
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 #: Close codes after which a member is gone at once, when its client sent them.
 CLEAN_CLIENT_CLOSES = frozenset({1000, 1001})
@@ -309,11 +310,6 @@ class _Clock(Protocol):
     def seconds(self) -> float: ...
 
 
-class _Scheduler(_Clock, Protocol):
-    def callLater(self, delay: float, f: Callable[..., object], *args: object,
-                  **kwargs: object) -> IDelayedCall: ...
-
-
 # -- resume tokens -----------------------------------------------------------------------
 
 _TOKEN_VERSION = 1
@@ -446,13 +442,22 @@ class Sessions:
       the same token (at the same moment or later) fails with ``TOKEN_REUSED``.
     """
 
-    def __init__(self, clock: _Scheduler, window: float,
+    def __init__(self, clock: IReactorTime, window: float,
                  gone: Callable[[str, str], None]) -> None:
         self.clock = clock
         self.window = window
         self._gone = gone
         self._rooms: dict[str, dict[str, Session]] = {}  # room id -> connection id ->
         self._count = 0
+        self._stopped = False
+
+    def stop(self) -> None:
+        """The relay is stopping: cancel every grace timer; from now on a drop is final
+        (nobody would be left to say its ``user-left`` later)."""
+        self._stopped = True
+        for room in self._rooms.values():
+            for session in room.values():
+                self._cancel_timer(session)
 
     def __len__(self) -> int:
         return self._count
@@ -485,7 +490,7 @@ class Sessions:
         session = self.get(room_id, connection_id)
         if session is None:
             return False
-        if not grace or self.window <= 0:
+        if not grace or self.window <= 0 or self._stopped:
             self._forget(session)
             return False
         session.state = SessionState.AWAY
@@ -610,7 +615,7 @@ class Recovery:
     - a room whose members are all away is kept (`keeps_room`) so its history survives.
     """
 
-    def __init__(self, clock: _Scheduler, window: float, max_messages: int = 1000,
+    def __init__(self, clock: IReactorTime, window: float, max_messages: int = 1000,
                  max_bytes: int = 1024 * 1024, *, tokens: ResumeTokens | None = None,
                  token_lifetime: float | None = None,
                  gone: Callable[[str, str], None] = lambda room_id, cid: None) -> None:
@@ -728,7 +733,7 @@ class Recovery:
             "recoveryMemoryBytes": usage.memory_bytes,
         }
 
-    def metric_families(self) -> Iterator[object]:
+    def metric_families(self) -> Iterator[Metric]:
         """Prometheus families for a collector's ``collect`` (nothing when off)."""
         if not self.enabled:
             return

@@ -43,6 +43,7 @@ from iw_relay.backplane.base import Backplane
 from iw_relay.backplane.local import LocalBackplane
 from iw_relay.config import RelayConfig
 from iw_relay.metrics import DurationHistogram
+from iw_relay.recovery import Recovery, RecoveryFailure
 
 #: Messages kept from a member whose join is not committed yet (relayed once it is).
 PENDING_MESSAGES = 1000
@@ -87,9 +88,12 @@ class Room:
     synced: bool = False
     early: list[tuple[bool, str, str]] = field(default_factory=list)
     expired: bool = False
+    #: Members whose connection dropped and who may still resume (--recovery-window):
+    #: their peers have not been told, so they still count and are still peers.
+    away: set[str] = field(default_factory=set)
 
     def count(self) -> int:
-        return len(self.members) - len(self.pending) + len(self.remote)
+        return len(self.members) - len(self.pending) + len(self.remote) + len(self.away)
 
     def add_remote(self, connection_id: str, node: str) -> bool:
         if connection_id in self.remote or connection_id in self.members:
@@ -162,6 +166,13 @@ class RoomRegistry(Service):
         self.stopping = False
         self.backplane: Backplane = backplane if backplane is not None else LocalBackplane()
         self.backplane.attach(self)
+        #: Connection-state recovery; with --recovery-window 0 (the default) it is off and
+        #: nothing below calls it on the hot path (`_recording`).
+        self.recovery = Recovery(
+            clock, config.recovery_window, config.recovery_max_messages,
+            config.recovery_max_bytes, token_lifetime=config.room_expiry + config.recovery_window,
+            gone=self._gone)
+        self._recording = self.recovery.enabled
 
     # -- membership ------------------------------------------------------------------
 
@@ -222,12 +233,13 @@ class RoomRegistry(Service):
             "{connection_id} joined room {room} ({count} members)",
             connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
         )
-        peers = [connection_id for connection_id, other in room.members.items()
-                 if other is not member and other not in room.pending]
-        peers.extend(room.remote)
+        peers = self._peers(room, member)
+        fields = (self.recovery.joined(room.room_id, member.connection_id)
+                  if self._recording else None)
         self._deliver_one(member, self.prepare(messages.connected(
-            member.connection_id, room.room_id, count, peers)))
-        self._fan_out(room, messages.user_joined(member.connection_id, count), member)
+            member.connection_id, room.room_id, count, peers, fields)))
+        self._fan_out(room, self._record(room, messages.user_joined(member.connection_id, count),
+                                         member.connection_id), member)
         for target, payload in sent:
             if self._room_of.get(member) is not room:
                 break
@@ -236,23 +248,39 @@ class RoomRegistry(Service):
             else:
                 self.unicast(member, target, payload)
 
-    def leave(self, member: Member, close_code: int | None = None) -> None:
+    def leave(self, member: Member, close_code: int | None = None,
+              closed_by_server: bool = False) -> None:
         """Remove `member` wherever it is; a second call for the same member does nothing.
 
-        `close_code` is how its connection closed (1006 when it simply dropped).
+        `close_code` is how its connection closed (1006 when it simply dropped). With
+        recovery on, a member that may resume is only *away*: its peers hear nothing now,
+        and its ``user-left`` goes out when its window passes (`_gone`).
         """
         room = self._room_of.get(member)
         if room is None:
             return
         was_pending = member in room.pending
-        self._forget(member, room, close_code or 1006)
+        code = close_code or 1006
+        away = (self._recording and not was_pending and not room.expired
+                and self.recovery.dropped(room.room_id, member.connection_id, code,
+                                          closed_by_server))
+        if away:
+            room.away.add(member.connection_id)
+        self._forget(member, room, code)
         count = room.count()
+        if away:
+            self._log.info("{connection_id} dropped from room {room}: away until it "
+                           "resumes or its window passes",
+                           connection_id=member.connection_id, room=room_hash(room.room_id))
+            return
         self._log.info(
             "{connection_id} left room {room} ({count} members)",
             connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
         )
         if not was_pending and not room.expired:
-            self._fan_out(room, messages.user_left(member.connection_id, count), None)
+            self._fan_out(room, self._record(room, messages.user_left(member.connection_id,
+                                                                      count),
+                                             member.connection_id), None)
         if not room.expired:
             self.backplane.leave(room.key, member.connection_id)
 
@@ -263,23 +291,112 @@ class RoomRegistry(Service):
         room.pending.pop(member, None)
         self.closes[close_code] += 1
         self.stats.disconnectionsTotal += 1
-        if not room.members:
-            if self.rooms.get(room.room_id) is room:
-                del self.rooms[room.room_id]
-            if self._by_key.get(room.key) is room:
-                del self._by_key[room.key]
+        self._delete_if_empty(room)
         if not self._room_of:
             emptied, self._emptied = self._emptied, []
             for waiting in emptied:
                 waiting.callback(None)
 
-    def room_of(self, member: Member) -> Room | None:
-        return self._room_of.get(member)
+    def _delete_if_empty(self, room: Room) -> None:
+        """A room with no member here and none away is deleted (with its history: a
+        later join starts a new stream, with a new epoch)."""
+        if room.members or room.away:
+            return
+        if self._by_key.get(room.key) is room:
+            del self._by_key[room.key]
+        if self.rooms.get(room.room_id) is room:
+            del self.rooms[room.room_id]
+            if self._recording:
+                self.recovery.room_gone(room.room_id)
+
+    @staticmethod
+    def _peers(room: Room, member: Member) -> list[str]:
+        """The others' connection ids, as `connected` lists them: members here that
+        have joined, members away, members on other nodes."""
+        peers = [connection_id for connection_id, other in room.members.items()
+                 if other is not member and other not in room.pending]
+        peers.extend(room.away)
+        peers.extend(room.remote)
+        return peers
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def _record(self, room: Room, payload: bytes, sender: str | None,
+                target: str | None = None) -> bytes:
+        """The frame to send for `payload`: with recovery on, with its ``seq`` and kept
+        in the room's history; else `payload` itself."""
+        if self._recording:
+            return self.recovery.record(room.room_id, payload, sender, target)
+        return payload
+
+    def resume(self, member: Member, room_id: str, token: str | None, since: str | None,
+               epoch: str | None) -> bool:
+        """Rejoin `member` as the away (or not yet seen to drop) member its resume token
+        names: `connected` with ``recovered: true``, then what it missed, in order; its
+        peers hear nothing. False when that is impossible (counted by reason; a genuine
+        token's member is ended first): the caller makes it a fresh join."""
+        if not self._recording or not token:
+            return False
+        outcome = self.recovery.resume(room_id, token, since, epoch)
+        room = self.rooms.get(room_id)
+        if isinstance(outcome, RecoveryFailure) or room is None:
+            reason = outcome.value if isinstance(outcome, RecoveryFailure) else "no room"
+            self._log.info("a resume in room {room} failed ({reason}): joining afresh",
+                           room=room_hash(room_id), reason=reason)
+            return False
+        connection_id = outcome.connection_id
+        old = room.members.get(connection_id)
+        if old is not None:
+            # A takeover: the old connection has not been seen to die. It goes quietly.
+            del self._room_of[old]
+            del room.members[connection_id]
+            room.pending.pop(old, None)
+            self.stats.disconnectionsTotal += 1
+            self._close_quietly(old, messages.CLOSE_NORMAL, messages.RESUMED_REASON)
+        room.away.discard(connection_id)
+        member.connection_id = connection_id
+        room.members[connection_id] = member
+        self._room_of[member] = room
+        self.stats.connectionsTotal += 1
+        self._log.info("{connection_id} resumed in room {room} ({count} missed messages)",
+                       connection_id=connection_id, room=room_hash(room_id),
+                       count=len(outcome.frames))
+        self._deliver_one(member, self.prepare(messages.connected(
+            connection_id, room_id, room.count(), self._peers(room, member), outcome.fields)))
+        for frame in outcome.frames:
+            self._deliver_one(member, self.prepare(frame))
+        return True
+
+    def _gone(self, room_id: str, connection_id: str) -> None:
+        """An away member's window passed (or a resume with its token failed): its peers
+        get its ``user-left`` now. A connection still attached to it (one the relay has
+        not yet seen die, replaced by a failed resume) is closed quietly."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        with self._log.failuresHandled("ending {connection_id} failed",
+                                       connection_id=connection_id):
+            room.away.discard(connection_id)
+            attached = room.members.get(connection_id)
+            if attached is not None:
+                self._forget(attached, room, messages.CLOSE_NORMAL)
+                self._close_quietly(attached, messages.CLOSE_NORMAL,
+                                    messages.RESUMED_REASON)
+            count = room.count()
+            self._log.info("{connection_id} left room {room} ({count} members)",
+                           connection_id=connection_id, room=room_hash(room_id), count=count)
+            if not room.expired:
+                self._fan_out(room, self._record(room, messages.user_left(connection_id, count),
+                                                 connection_id), None)
+                self.backplane.leave(room.key, connection_id)
+            self._delete_if_empty(room)
 
     def room_size(self, room_id: str) -> int:
         """Members on every node, those still joining included."""
         room = self.rooms.get(room_id)
-        return len(room.members) + len(room.remote) if room is not None else 0
+        if room is None:
+            return 0
+        return len(room.members) + len(room.remote) + len(room.away)
 
     # -- relaying --------------------------------------------------------------------
 
@@ -294,6 +411,8 @@ class RoomRegistry(Service):
             return
         self.stats.messagesRelayed += 1
         started = perf_counter()
+        if self._recording:
+            payload = self.recovery.record(room.room_id, payload, sender.connection_id)
         self._fan_out(room, payload, sender)
         if room.nodes:
             self.backplane.publish(room.key, room.nodes, payload)
@@ -308,7 +427,8 @@ class RoomRegistry(Service):
             return True  # left meanwhile: dropped silently, as broadcast() does
         member = room.members.get(target)
         node = room.remote.get(target) if member is None else None
-        if member is sender or (member is None and node is None) or (
+        away = member is None and node is None and target in room.away
+        if member is sender or (member is None and node is None and not away) or (
                 member is not None and member in room.pending):
             return False
         if room.pending and sender in room.pending:
@@ -316,9 +436,12 @@ class RoomRegistry(Service):
             return True
         self.stats.messagesRelayed += 1
         started = perf_counter()
+        if self._recording:  # kept for its target only (an away one gets it on resume)
+            payload = self.recovery.record(room.room_id, payload, sender.connection_id,
+                                           target)
         if member is not None:
             self._deliver_one(member, self.prepare(payload))
-        else:
+        elif node is not None:  # (else the target is away: it gets it on resume)
             self.backplane.unicast(room.key, node, target, payload)
         self.relay_seconds.observe(perf_counter() - started)
         return True
@@ -364,7 +487,9 @@ class RoomRegistry(Service):
 
     def remote_unicast(self, key: str, target: str, payload: bytes) -> None:
         room = self._by_key.get(key)
-        member = room.members.get(target) if room is not None else None
+        if room is None:
+            return
+        member = room.members.get(target)
         if member is not None and member not in room.pending:
             self._deliver_one(member, self.prepare(payload))
 
@@ -464,6 +589,8 @@ class RoomRegistry(Service):
     def sweep_expired(self) -> None:
         """Expire every room past its deadline; one bad room never stops the sweep."""
         now = self.clock.seconds()
+        if self._recording:
+            self.recovery.history.trim_all()
         for room in [r for r in self.rooms.values() if r.expires_at <= now]:
             with self._log.failuresHandled("expiring room {room} failed",
                                            room=room_hash(room.room_id)):
@@ -486,8 +613,11 @@ class RoomRegistry(Service):
             self._welcome(member, room)  # so that it can be told the room expired
         if self.rooms.get(room.room_id) is room:
             del self.rooms[room.room_id]
+            if self._recording:
+                self.recovery.room_gone(room.room_id)
         if self._by_key.get(room.key) is room:
             del self._by_key[room.key]
+        room.away.clear()
         self._log.info("room {room} expired with {count} members",
                        room=room_hash(room.room_id), count=len(room.members))
         text = messages.expiry_text(self.config.room_expiry)
@@ -508,8 +638,11 @@ class RoomRegistry(Service):
         the backplane."""
         super().stopService()
         stopped: Deferred[None] = Deferred()
-        self.shut_down().addBoth(lambda _: maybeDeferred(self.backplane.stop)).addBoth(
-            lambda _: stopped.callback(None))
+        # No grace timer outlives the service.
+        shut = self.shut_down()
+        shut.addBoth(lambda _: self.recovery.sessions.stop())
+        shut.addBoth(lambda _: maybeDeferred(self.backplane.stop))
+        shut.addBoth(lambda _: stopped.callback(None))
         return stopped
 
     def shut_down(self) -> Deferred[None]:

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from iw_relay.backplane.base import Backplane
 from iw_relay.backplane.local import LocalBackplane
+from iw_relay.clientjs import ClientScriptResource
 from iw_relay.config import RelayConfig
 from iw_relay.demo import DemoResource
 from iw_relay.frontdoor import FrontDoorFactory
@@ -33,6 +40,11 @@ LISTEN_BACKLOG = 511
 _BACKLOG_ENDPOINTS = ("tcp", "tcp6", "ssl", "tls", "unix", "haproxy")
 _log = Logger()
 
+if TYPE_CHECKING:
+    class RelayReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorFromThreads):
+        """What the relay asks of a reactor, for the type checker only (as Twisted types
+        its global reactor): every reactor Twisted installs provides all of it."""
+
 
 def with_backlog(description: str) -> str:
     """`description` with backlog=511 added where the endpoint type takes one."""
@@ -43,8 +55,9 @@ def with_backlog(description: str) -> str:
 
 
 def optional_pages(config: RelayConfig, wall_clock: Callable[[], float]) -> dict[bytes, Resource]:
-    """/ice-servers when STUN or TURN URIs are configured, /demo with --demo."""
-    pages: dict[bytes, Resource] = {}
+    """/client.js (IWRelaySocket, always: against a relay with recovery off it is a plain
+    WebSocket), /ice-servers when STUN or TURN URIs are configured, /demo with --demo."""
+    pages: dict[bytes, Resource] = {b"client.js": ClientScriptResource()}
     if ice_enabled(config):
         pages[b"ice-servers"] = IceServersResource(config, wall_clock)
     if config.demo:
@@ -52,7 +65,8 @@ def optional_pages(config: RelayConfig, wall_clock: Callable[[], float]) -> dict
     return pages
 
 
-def make_backplane(config: RelayConfig, clock: IReactorTime, reactor: object) -> Backplane:
+def make_backplane(config: RelayConfig, clock: IReactorTime,
+                   reactor: RelayReactor) -> Backplane:
     """How this node reaches the others: through Redis with --redis, else nobody."""
     if config.redis:
         from iw_relay.backplane.redis import redis_backplane
@@ -73,14 +87,16 @@ class RelayService(MultiService):
     def __init__(
         self,
         config: RelayConfig,
-        reactor: object | None = None,
+        reactor: RelayReactor | None = None,
         clock: IReactorTime | None = None,
         wall_clock: Callable[[], float] = time.time,
         listen: bool = True,
     ) -> None:
         super().__init__()
         if reactor is None:
-            from twisted.internet import reactor
+            from twisted.internet import reactor as installed
+
+            reactor = cast("RelayReactor", installed)  # typed by Twisted as fewer interfaces
         clock = clock if clock is not None else reactor
         self.config = config
         self.registry = RoomRegistry(config, clock, prepare_frame, wall_clock,

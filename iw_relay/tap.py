@@ -11,11 +11,13 @@ import resource
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -34,6 +36,9 @@ from iw_relay.config import (
     parse_flag,
 )
 from iw_relay.service import RelayService
+
+if TYPE_CHECKING:
+    from iw_relay.service import RelayReactor
 from iw_relay.tlscheck import certificates_without_san
 
 _log = Logger()
@@ -72,7 +77,8 @@ class Options(usage.Options):
     optFlags = [[o.name, None, help_text(o)] for o in OPTIONS if o.kind == "flag"]
     # The repeatable options' opt_* methods are added below the class, from the table.
 
-    def __init__(self, environ: Mapping[str, str] | None = None, reactor: object = None):
+    def __init__(self, environ: Mapping[str, str] | None = None,
+                 reactor: IReactorCore | None = None) -> None:
         super().__init__()
         for option in OPTIONS:
             if option.kind == "list":
@@ -101,7 +107,8 @@ class Options(usage.Options):
             from_env = environment_settings(self._environ)
         except ValueError as problem:
             raise usage.UsageError(str(problem)) from None
-        changes: dict[str, object] = {}
+        # Each value is its field's type: the option table's parser made it.
+        changes: dict[str, Any] = {}
         for option, (field, parse) in OPTION_PARSERS.items():
             if self[option] is not None:
                 source, text = f"--{option}", self[option]
@@ -167,10 +174,11 @@ class Options(usage.Options):
 
     def _check_endpoint(self, description: str, option: str) -> None:
         """Parse the endpoint now (it reads TLS files), so a typo fails before listening."""
-        if self._reactor is None:
-            from twisted.internet import reactor
-        else:
-            reactor = self._reactor
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as installed
+
+            reactor = installed
         try:
             serverFromString(reactor, description)
         except Exception as problem:
@@ -217,8 +225,9 @@ class TwistdRelayService(RelayService):
         Service.startService(self)
         for child in self:
             self._start(child, child.startService)
-        from twisted.internet import reactor
+        from twisted.internet import reactor as installed
 
+        reactor = cast("RelayReactor", installed)  # typed by Twisted as fewer interfaces
         reactor.callWhenRunning(self._stop_on_signals, reactor)
 
     def _start(self, child: IService, start: Callable[[], None]) -> None:
@@ -235,14 +244,14 @@ class TwistdRelayService(RelayService):
             stderr.flush()
             raise SystemExit(EXIT_CANNOT_LISTEN) from None
 
-    def _stop_on_signals(self, reactor: object) -> None:
+    def _stop_on_signals(self, reactor: RelayReactor) -> None:
         def stop(signum: int, frame: object) -> None:
             reactor.callFromThread(self._stop_reactor, reactor, signal.Signals(signum).name)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)
 
-    def _stop_reactor(self, reactor: object, name: str) -> None:
+    def _stop_reactor(self, reactor: IReactorCore, name: str) -> None:
         _log.info("received {signal}: shutting down", signal=name)
         if reactor.running:
             reactor.stop()
@@ -266,7 +275,9 @@ def raise_open_files_limit() -> int:
 
 def reload_on_sighup(service: RelayService) -> None:
     """SIGHUP re-reads the TLS certificate files (certbot's deploy hook sends it)."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
+
+    reactor = cast(IReactorFromThreads, installed)  # typed by Twisted as fewer interfaces
 
     def reload() -> None:
         Deferred.fromCoroutine(service.reload_certificates())

@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web import http
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from iw_relay.registry import RoomRegistry
@@ -118,6 +119,7 @@ class StatsResource(Resource):
             "uptime": uptime,
             "uptimeFormatted": format_uptime(uptime),
         }
+        body.update(registry.recovery.snapshot())  # nothing while recovery is off
         cluster = registry.backplane.status()
         if cluster is not None:
             body["cluster"] = cluster
@@ -180,12 +182,12 @@ class RelayResource(Resource):
         }
         self._not_found = NotFoundResource()
 
-    def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
+    def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
         refusal = _refusal(request)
         if refusal is not None:
             return refusal
         if is_websocket_upgrade(request):
-            _make_uri_relative(request, len(request.prepath) - 1)
+            _make_uri_relative(request, len(request.prepath or ()) - 1)
             return self._websocket
         # /health, /stats and the optional pages (/ice-servers, /demo; /demo/ too).
         if not request.postpath or request.postpath == [b""]:
@@ -200,7 +202,7 @@ class RelayResource(Resource):
         if refusal is not None:
             return refusal.render(request)
         if is_websocket_upgrade(request):
-            _make_uri_relative(request, len(request.prepath))
+            _make_uri_relative(request, len(request.prepath or ()))
             return self._websocket.render(request)
         return self._not_found.render(request)
 
@@ -271,11 +273,13 @@ class RelaySite(Site):
     displayTracebacks = False
     requestFactory = RelayRequest
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
 class FrontDoorSite(RelaySite):
     """The relay's Site behind its front door (frontdoor.py): one request a connection."""
 
-    protocol = OneRequestChannel
+    # Twisted types this as a factory of its private channel wrapper; Site.buildProtocol
+    # takes any HTTPChannel class, as it did before the annotation.
+    protocol = OneRequestChannel  # type: ignore[assignment]

@@ -1,13 +1,20 @@
-"""Fixtures shared by every test: no test may log an unhandled failure or leave timers."""
+"""Fixtures shared by the tests: no test may log an unhandled failure or leave timers;
+the relay in memory or on a loopback port; and the processes (relays, Redis, coturn) a
+test starts, each stopped at teardown."""
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from twisted.logger import globalLogPublisher
 
 from tests.clients import MemoryRelay
+from tests.redis_process import RedisServer
+from tests.relay_process import RelayProcess, Spawn, relay_environment
+from tests.turn_process import TurnServer
 
 
 class LoggedFailures:
@@ -106,3 +113,39 @@ def serve():
     for service, port in running:
         pytest_twisted.blockon(port.stopListening())
         pytest_twisted.blockon(service.stopService())
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """spawn(argv, env=None) -> RelayProcess; every process is killed at teardown."""
+    started: list[RelayProcess] = []
+
+    def start(argv: Sequence[str], env: dict[str, str] | None = None) -> RelayProcess:
+        process = RelayProcess(argv, relay_environment(env), tmp_path, f"p{len(started)}")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (skipped without one, see redis_process)."""
+    server = RedisServer(tmp_path).start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.resume()
+    server.kill()
+
+
+@pytest.fixture
+def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
+    """A coturn of the test's own (skipped without one, see turn_process)."""
+    server = TurnServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -1,4 +1,4 @@
-"""A fake member of a RoomRegistry, for the registry and cluster tests."""
+"""The one fake member of a RoomRegistry, for the registry, signaling and cluster tests."""
 
 from __future__ import annotations
 
@@ -20,14 +20,20 @@ def h(name: str) -> str:
 
 
 class Member:
-    """Closing it leaves its registry, as a closed WebSocket does. Its frames show
-    connection ids by their test names."""
+    """Records what it is delivered, showing connection ids by their test names, and how
+    it was closed.
 
-    def __init__(self, registry: RoomRegistry, name: str) -> None:
+    Given a registry, closing it leaves that registry, as a closed WebSocket does; given
+    None, the test answers the close itself (it calls `leave` when it chooses). With
+    `fail_on_close`, closing it raises, as a broken member would."""
+
+    def __init__(self, registry: RoomRegistry | None, name: str, *,
+                 fail_on_close: bool = False) -> None:
         self.registry = registry
         self.connection_id = h(name)
         self.delivered: list[dict] = []
         self.closed_with: tuple[int, str] | None = None
+        self.fail_on_close = fail_on_close
 
     def deliver(self, frame: bytes) -> None:
         message = json.loads(frame)
@@ -39,8 +45,14 @@ class Member:
         self.delivered.append(message)
 
     def close(self, code: int, reason: str) -> None:
+        if self.fail_on_close:
+            raise RuntimeError("broken member")
         self.closed_with = (code, reason)
-        self.registry.leave(self, code)
+        if self.registry is not None:
+            self.registry.leave(self, code)
+
+    def kinds(self) -> list[str]:
+        return [m["type"] for m in self.delivered]
 
     def of(self, kind: str) -> list[dict]:
         return [m for m in self.delivered if m["type"] == kind]

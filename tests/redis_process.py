@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 
 def redis_binary() -> str:
     found = shutil.which("redis-server") or (
@@ -29,19 +31,13 @@ def redis_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class RedisServer:
     """One redis-server process; `restart()` keeps the port (and loses every key)."""
 
     def __init__(self, workdir: Path) -> None:
         self.binary = redis_binary()
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -101,12 +97,3 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.resume()
-    server.kill()

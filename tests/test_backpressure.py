@@ -9,7 +9,7 @@ from twisted.internet.protocol import Protocol
 from iw_relay.config import RelayConfig
 from tests import rawws
 from tests.clients import join
-from tests.test_twistd import until
+from tests.helpers import until
 
 MAX_SEND_BUFFER = 256 * 1024
 PAD = "x" * 32 * 1024

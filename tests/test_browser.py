@@ -9,79 +9,11 @@ IWRELAY_REQUIRE_BROWSER is set (CI sets it), in which case they fail.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
-
-from tests.test_twistd import LISTENING, TWISTD, relay_environment
+from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium
 from tests.turn_process import TurnServer
-
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-    # Two pages on one machine: plain host candidates, loopback included, no mDNS names.
-    "--disable-features=WebRtcHideLocalIpsWithMdns", "--allow-loopback-in-peer-connection",
-]
-TIMEOUT_MS = 20_000
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or ("/usr/bin/chromium"
-                                         if os.path.exists("/usr/bin/chromium") else None)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        found = None
-    if found is None:
-        if os.environ.get("IWRELAY_REQUIRE_BROWSER"):
-            pytest.fail("IWRELAY_REQUIRE_BROWSER is set but chromium or the playwright "
-                        "package is missing")
-        pytest.skip("no chromium or no playwright package (apt-get install chromium; "
-                    "pip install playwright); set IWRELAY_REQUIRE_BROWSER=1 to make this "
-                    "a failure")
-    return found
-
-
-class Relay:
-    """`twistd -n iwrelay --demo ...` on a free loopback port, killed at the end."""
-
-    def __init__(self, workdir: Path, *options: str) -> None:
-        import subprocess
-
-        self.stdout_path = workdir / "relay.stdout"
-        with open(self.stdout_path, "wb") as out:
-            self.process = subprocess.Popen(
-                [TWISTD, "-n", "--pidfile=", "iwrelay", "--port",
-                 "tcp:0:interface=127.0.0.1", "--ping-interval", "0", *options],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=relay_environment(), cwd=workdir,
-            )
-        deadline = time.monotonic() + 15
-        while not (found := LISTENING.findall(self.output())):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"the relay did not start:\n{self.output()}")
-            time.sleep(0.05)  # polling the log, bounded by the deadline
-        self.port = int(found[0][1])
-
-    def output(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stats(self) -> dict:
-        import json
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
-            return json.load(r)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 def share_text_between_two_pages(browser_path: str, url: str,

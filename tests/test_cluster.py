@@ -24,9 +24,8 @@ from iw_relay.registry import RoomRegistry
 from iw_relay.registry import room_key as cluster_hash
 from iw_relay.service import RelayService
 from iw_relay.tap import Options
+from tests.helpers import until
 from tests.members import Member, h
-from tests.redis_process import redis_server  # noqa: F401 - a fixture
-from tests.test_twistd import until
 
 
 def publish_count(server) -> int:
@@ -72,7 +71,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(redis_server):  # noqa: F811
+def cluster(redis_server):
     made = Cluster(redis_server.url)
     yield made
     made.stop()
@@ -147,7 +146,7 @@ async def test_expiry_is_fixed_by_the_first_join_anywhere_and_swept_everywhere(c
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_holds_hashes_only_and_every_key_expires(cluster, redis_server):  # noqa: F811
+async def test_redis_holds_hashes_only_and_every_key_expires(cluster, redis_server):
     a = cluster.node()
     await cluster.connected()
     room = "secret-room-id"
@@ -189,7 +188,7 @@ async def test_a_dead_node_s_members_leave_within_three_heartbeats(cluster):
 
 @pytest_twisted.ensureDeferred
 async def test_redis_restart_local_relaying_goes_on_then_presence_is_repaired(
-        cluster, redis_server):  # noqa: F811
+        cluster, redis_server):
     a, b = cluster.node(), cluster.node()
     await cluster.connected()
     a1 = await joined(Member(a, "a1"), "room")
@@ -225,7 +224,7 @@ async def test_redis_restart_local_relaying_goes_on_then_presence_is_repaired(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stalled_redis_cannot_stall_local_relaying(cluster, redis_server):  # noqa: F811
+async def test_a_stalled_redis_cannot_stall_local_relaying(cluster, redis_server):
     a = cluster.node(redis_queue_size=5)
     b = cluster.node()
     await cluster.connected()
@@ -270,7 +269,7 @@ def test_cluster_options_from_the_command_line_and_the_environment():
 
 @pytest_twisted.ensureDeferred
 async def test_health_stats_and_metrics_tell_whether_the_node_reaches_redis(
-        cluster, redis_server):  # noqa: F811
+        cluster, redis_server):
     from treq.testing import StubTreq
 
     from iw_relay.metrics import RelayCollector
@@ -304,7 +303,7 @@ async def test_health_stats_and_metrics_tell_whether_the_node_reaches_redis(
 
 @pytest_twisted.ensureDeferred
 async def test_a_node_found_dead_while_alive_writes_its_members_back(
-        cluster, redis_server):  # noqa: F811
+        cluster, redis_server):
     a, b = cluster.node(), cluster.node()
     await cluster.connected()
     a1 = await joined(Member(a, "a1"), "room")
@@ -324,7 +323,7 @@ async def test_a_node_found_dead_while_alive_writes_its_members_back(
 
 @pytest_twisted.ensureDeferred
 async def test_what_arrives_from_redis_is_checked_before_anyone_gets_it(
-        cluster, redis_server):  # noqa: F811
+        cluster, redis_server):
     a = cluster.node()
     await cluster.connected()
     a1 = await joined(Member(a, "a1"), "room")
@@ -357,7 +356,7 @@ async def test_max_room_size_holds_across_nodes(cluster):
 
 @pytest_twisted.ensureDeferred
 async def test_unicast_reaches_its_target_on_another_node_only(
-        cluster, redis_server):  # noqa: F811
+        cluster, redis_server):
     a, b, c = cluster.node(), cluster.node(), cluster.node()
     await cluster.connected()
     a1 = await joined(Member(a, "a1"), "room")

@@ -7,67 +7,22 @@ Waits are bounded polls or Deferreds with deadlines, never sleeps.
 
 from __future__ import annotations
 
-import json
 import signal
-import time
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 
 from tests.clients import RelayClient, connect, join
-from tests.redis_process import redis_server  # noqa: F401 - a fixture
-from tests.test_twistd import (
-    LOOPBACK,
-    http_get,
-    spawn,  # noqa: F401 - a fixture
-    start_relay,
+from tests.helpers import until, within
+from tests.relay_process import (
+    health,
+    start_nodes,
+    stats,
     stop_relay,
-    until,
-    within,
+    until_health,
 )
-
-
-async def start_nodes(spawn, url: str, count: int, *options: str) -> list[Any]:  # noqa: F811
-    nodes = [await start_relay(spawn, "--port", LOOPBACK, "--redis", url, *options)
-             for _ in range(count)]
-    for node in nodes:
-        await until_health(node.port, 200)
-    return nodes
-
-
-async def health(port: int) -> tuple[int, dict[str, Any]]:
-    code, _, body = await http_get(port, "/health")
-    return code, json.loads(body)
-
-
-async def until_health(port: int, code: int, timeout: float = 15.0) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    async def check() -> bool:
-        got, body = await health(port)
-        found.update(body)
-        return got == code
-
-    await until_async(check, f"/health on {port} to answer {code}", timeout)
-    return found
-
-
-async def until_async(check, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
-
-
-async def stats(port: int) -> dict[str, Any]:
-    code, _, body = await http_get(port, "/stats")
-    assert code == 200
-    return json.loads(body)
-
 
 SHARED, LONELY = "sharedRoom-7Qx", "lonelyRoom-9Zk"
 
@@ -82,7 +37,7 @@ def ops(client: RelayClient) -> list[dict[str, Any]]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_three_nodes_behave_as_one(spawn, redis_server):  # noqa: F811
+async def test_three_nodes_behave_as_one(spawn, redis_server):
     nodes = await start_nodes(spawn, redis_server.url, 3, "--node-heartbeat", "0.5s",
                               "--room-expiry", "8s", "--cleanup-interval", "0.25s")
     ports = [node.port for node in nodes]
@@ -168,7 +123,7 @@ async def test_three_nodes_behave_as_one(spawn, redis_server):  # noqa: F811
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_node_s_members_leave_everywhere_within_a_bounded_time(
-        spawn, redis_server):  # noqa: F811
+        spawn, redis_server):
     survivor, victim = await start_nodes(spawn, redis_server.url, 2,
                                          "--node-heartbeat", "0.3s")
     staying = await join(reactor, survivor.port, "room")
@@ -194,7 +149,7 @@ async def test_a_killed_node_s_members_leave_everywhere_within_a_bounded_time(
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_restart_nodes_relay_locally_then_repair(spawn, redis_server):  # noqa: F811
+async def test_redis_restart_nodes_relay_locally_then_repair(spawn, redis_server):
     one, two = await start_nodes(spawn, redis_server.url, 2, "--node-heartbeat", "0.3s")
     a1 = await join(reactor, one.port, "room")
     a2 = await join(reactor, one.port, "room")
@@ -243,7 +198,7 @@ async def test_redis_restart_nodes_relay_locally_then_repair(spawn, redis_server
 
 
 @pytest_twisted.ensureDeferred
-async def test_webrtc_signaling_across_two_nodes(spawn, redis_server):  # noqa: F811
+async def test_webrtc_signaling_across_two_nodes(spawn, redis_server):
     """`peers` lists members on the other node; a unicast reaches its target there only;
     UNKNOWN_PEER for one who is not in the room."""
     node_a, node_b = await start_nodes(spawn, redis_server.url, 2)
@@ -274,7 +229,7 @@ async def test_webrtc_signaling_across_two_nodes(spawn, redis_server):  # noqa: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_max_room_size_holds_across_nodes(spawn, redis_server):  # noqa: F811
+async def test_max_room_size_holds_across_nodes(spawn, redis_server):
     """Two joins back to back on a second node cannot overfill a room capped at 2."""
     node_a, node_b = await start_nodes(spawn, redis_server.url, 2, "--max-room-size", "2")
     a1 = await join(reactor, node_a.port, "capped")

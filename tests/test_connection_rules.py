@@ -23,7 +23,8 @@ from iw_relay.config import RelayConfig
 from iw_relay.messages import ROOM_ID_INVALID, ROOM_ID_REQUIRED
 from tests import rawws
 from tests.clients import join
-from tests.test_twistd import CHECKOUT, relay_environment, spawn, start_relay  # noqa: F401
+from tests.helpers import http_get
+from tests.relay_process import CHECKOUT, relay_environment, start_relay
 
 RESERVED = ["connected", "user-joined", "user-left", "room-expired", "server-shutdown",
             "error"]
@@ -221,7 +222,7 @@ def flooders():
 
 @pytest_twisted.ensureDeferred
 async def test_a_pinger_that_never_reads_is_closed_and_memory_stays_bounded(
-        spawn, flooders):  # noqa: F811
+        spawn, flooders):
     relay = await start_relay(spawn, "--port", "tcp:0:interface=127.0.0.1",
                               "--flood-windows", "3", "--ping-interval", "0")
     pid = relay.process.pid
@@ -241,8 +242,6 @@ async def test_a_pinger_that_never_reads_is_closed_and_memory_stays_bounded(
 
 
 async def http_stats(port: int):
-    from tests.test_twistd import http_get
-
     code, headers, body = await http_get(port, "/stats")
     return code, headers, json.loads(body)
 
@@ -260,7 +259,7 @@ async def relay_latencies(alice, bob, count: int) -> list[float]:
 
 @pytest_twisted.ensureDeferred
 async def test_control_and_continuation_floods_cost_other_rooms_nothing(
-        spawn, flooders):  # noqa: F811
+        spawn, flooders):
     relay = await start_relay(spawn, "--port", "tcp:0:interface=127.0.0.1",
                               "--flood-windows", "5", "--ping-interval", "0")
     alice = await join(reactor, relay.port, "quiet")
@@ -280,7 +279,7 @@ async def test_control_and_continuation_floods_cost_other_rooms_nothing(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_flood_that_pauses_and_bursts_is_closed(spawn, flooders):  # noqa: F811
+async def test_a_flood_that_pauses_and_bursts_is_closed(spawn, flooders):
     relay = await start_relay(spawn, "--port", "tcp:0:interface=127.0.0.1",
                               "--flood-windows", "5", "--ping-interval", "0")
     # Bursts of 2.5 s with 2.2 s pauses: with windows reset by a quiet one, this was

@@ -19,6 +19,7 @@ from iw_relay import logs
 from iw_relay.config import RelayConfig
 from iw_relay.frontdoor import HeadError, head_end, parse_head
 from tests.clients import client_factory, join
+from tests.relay_process import TWISTD, RelayProcess, relay_environment, stop_relay
 
 KEY_HEADERS = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
@@ -475,8 +476,6 @@ def test_library_messages_that_carry_a_request_are_withheld():
 @pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest_twisted.ensureDeferred
 async def test_a_twistd_relay_at_debug_logs_no_room_id_token_or_uri(log_format, tmp_path):
-    from tests.test_twistd import TWISTD, RelayProcess, relay_environment, stop_relay
-
     relay = RelayProcess([TWISTD, "-n", "--pidfile=", "iwrelay", "--port",
                           "tcp:0:interface=127.0.0.1", "--log-level", "debug",
                           "--log-format", log_format], relay_environment(None), tmp_path, "p")

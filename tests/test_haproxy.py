@@ -22,14 +22,8 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.clients import RelayClient, connect
-from tests.redis_process import redis_server  # noqa: F401 - a fixture
-from tests.test_cluster_twistd import start_nodes, stats
-from tests.test_twistd import (
-    free_port,
-    spawn,  # noqa: F401 - a fixture
-    until,
-    within,
-)
+from tests.helpers import free_port, until, within
+from tests.relay_process import start_nodes, stats
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ROOMS = [f"haRoom-{n:02d}-x{n * 7919 % 1000}" for n in range(20)]
@@ -112,7 +106,7 @@ async def node_stats(ports: list[int]) -> list[dict]:
 
 @pytest_twisted.ensureDeferred
 async def test_haproxy_keeps_each_room_on_one_node_and_moves_only_a_stopped_node_s_rooms(
-        spawn, redis_server, haproxy, tmp_path):  # noqa: F811
+        spawn, redis_server, haproxy, tmp_path):
     nodes = await start_nodes(spawn, redis_server.url, 3, "--node-heartbeat", "0.5s")
     ports = [node.port for node in nodes]
     front = haproxy(ports)

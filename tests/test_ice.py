@@ -4,6 +4,7 @@ options that turn it (and /demo) on."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -16,8 +17,7 @@ from twisted.python import usage
 from iw_relay.config import RelayConfig
 from iw_relay.ice import ice_servers, turn_credentials
 from iw_relay.tap import Options
-from tests.test_web import http_get
-from tests.turn_process import turn_server  # noqa: F401 - a fixture
+from tests.helpers import http_get
 
 TURN = "turn:turn.example.org:3478?transport=udp"
 TURN_TCP = "turns:turn.example.org:5349?transport=tcp"
@@ -45,16 +45,6 @@ def test_ice_servers_body():
         "ttl": 3600, "iceServers": [{"urls": [STUN]}]}
 
 
-async def get(port, path, headers=None):
-    import treq
-    from twisted.internet import reactor
-    from twisted.web.client import HTTPConnectionPool
-
-    response = await treq.get(f"http://127.0.0.1:{port}{path}", headers=headers,
-                              pool=HTTPConnectionPool(reactor, persistent=False))
-    return response, await response.content()
-
-
 @pytest_twisted.ensureDeferred
 async def test_ice_servers_over_http(serve):
     config = RelayConfig(ping_interval=0, turn_secret=b"shared", turn_uris=(TURN,),
@@ -62,10 +52,10 @@ async def test_ice_servers_over_http(serve):
                          allowed_origins=("https://editor.example.org",))
     _service, port = await serve(config)
     before = int(time.time())
-    response, body = await get(port, "/ice-servers")
-    assert response.code == 200
-    assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    assert response.headers.getRawHeaders("cache-control") == ["no-store"]
+    code, headers, body = await http_get(port, "/ice-servers")
+    assert code == 200
+    assert headers["content-type"] == ["application/json"]
+    assert headers["cache-control"] == ["no-store"]
     answer = json.loads(body)
     assert answer["ttl"] == 900
     turn, stun = answer["iceServers"]
@@ -73,39 +63,39 @@ async def test_ice_servers_over_http(serve):
     expiry, user = turn["username"].split(":")
     assert before + 900 <= int(expiry) <= int(time.time()) + 900 and len(user) == 16
     assert turn["credential"] == turn_credentials(b"shared", user, int(expiry))[1]
-    _, again = await get(port, "/ice-servers")
+    _, _, again = await http_get(port, "/ice-servers")
     assert json.loads(again)["iceServers"][0]["username"] != turn["username"]  # fresh user
 
-    response, _ = await get(port, "/ice-servers",
-                            {"Origin": ["https://editor.example.org"]})
-    assert response.headers.getRawHeaders("access-control-allow-origin") == [
-        "https://editor.example.org"]
-    response, body = await get(port, "/ice-servers", {"Origin": ["https://evil.example"]})
-    assert response.code == 403 and b"shared" not in body and b"credential" not in body
+    _, headers, _ = await http_get(port, "/ice-servers",
+                                   headers={"Origin": ["https://editor.example.org"]})
+    assert headers["access-control-allow-origin"] == ["https://editor.example.org"]
+    code, _, body = await http_get(port, "/ice-servers",
+                                   headers={"Origin": ["https://evil.example"]})
+    assert code == 403 and b"shared" not in body and b"credential" not in body
 
 
 @pytest_twisted.ensureDeferred
 async def test_ice_servers_and_demo_are_off_by_default(serve):
     _service, port = await serve(RelayConfig(ping_interval=0))
     for path in ("/ice-servers", "/demo", "/demo/"):
-        response = await http_get(f"http://127.0.0.1:{port}{path}")
-        assert response.code == 404, path
-        assert (await response.content()).startswith(b"Impossible Writer Relay")
+        code, _, body = await http_get(port, path)
+        assert code == 404, path
+        assert body.startswith(b"Impossible Writer Relay")
 
 
 @pytest_twisted.ensureDeferred
 async def test_demo_page_is_served_with_demo(serve):
     _service, port = await serve(RelayConfig(ping_interval=0, demo=True))
     for path in ("/demo", "/demo/", "/demo?x=1"):
-        response, body = await get(port, path)
-        assert response.code == 200, path
-        assert response.headers.getRawHeaders("content-type") == ["text/html; charset=utf-8"]
-        policy = response.headers.getRawHeaders("content-security-policy")[0]
+        code, headers, body = await http_get(port, path)
+        assert code == 200, path
+        assert headers["content-type"] == ["text/html; charset=utf-8"]
+        policy = headers["content-security-policy"][0]
         assert "default-src 'none'" in policy and "connect-src 'self';" in policy
         assert b"RTCPeerConnection" in body and b'id="text"' in body
     for path in ("/demo/x", "/demo/index.html", "/ice-servers"):
-        response = await http_get(f"http://127.0.0.1:{port}{path}")
-        assert response.code == 404, path
+        code, _, _ = await http_get(port, path)
+        assert code == 404, path
 
 
 # -- options -------------------------------------------------------------------------
@@ -172,12 +162,12 @@ def allocated(result) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_coturn_accepts_the_relays_credentials_and_refuses_others(
-        serve, turn_server):  # noqa: F811 - the fixture
+        serve, turn_server):
     server = turn_server
     config = RelayConfig(ping_interval=0, turn_secret=server.secret.encode(),
                          turn_uris=(server.uri,), stun_uris=(server.stun_uri,), turn_ttl=300)
     _service, port = await serve(config)
-    _, body = await get(port, "/ice-servers")
+    _, _, body = await http_get(port, "/ice-servers")
     turn = json.loads(body)["iceServers"][0]
     assert turn["urls"] == [server.uri]
 
@@ -188,7 +178,7 @@ async def test_coturn_accepts_the_relays_credentials_and_refuses_others(
     assert int(old["username"].split(":")[0]) < time.time()
     assert refused(server.allocate(old["username"], old["credential"]))
     # Forged: a relay with another secret; and a username whose expiry was moved.
-    forged = ice_servers(config.replace(turn_secret=b"guessed"), time.time(), "f")
+    forged = ice_servers(dataclasses.replace(config, turn_secret=b"guessed"), time.time(), "f")
     forged_turn = forged["iceServers"][0]
     assert refused(server.allocate(forged_turn["username"], forged_turn["credential"]))
     expiry, user = turn["username"].split(":")

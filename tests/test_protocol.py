@@ -56,7 +56,7 @@ def test_connected_message(relay):
 def test_room_id_sources(relay, path, room):
     client = relay.connect(path)
     assert client.received[0]["roomId"] == room
-    assert relay.registry.room_of(relay.servers[-1]).room_id == room
+    assert relay.servers[-1] in relay.registry.rooms[room].members.values()
 
 
 @pytest.mark.parametrize(("path", "reason"), [

@@ -13,13 +13,8 @@ import docutils.core
 import pytest_twisted
 
 from iw_relay.options import configuration_page
-from tests.test_twistd import (
-    TWISTD,
-    free_port,
-    http_get,
-    spawn,  # noqa: F401 (a fixture)
-    stop_relay,
-)
+from tests.helpers import free_port, http_get
+from tests.relay_process import TWISTD, stop_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.rst").read_text()
@@ -80,7 +75,7 @@ def test_readme_names_the_test_prerequisites_next_to_the_test_command():
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_quick_start_runs(spawn):  # noqa: F811
+async def test_the_quick_start_runs(spawn):
     """The README's run command, as given but on a free port, serves /health."""
     install, run = literal_block(README, "Install and run")
     assert install == "pip install ."

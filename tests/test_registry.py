@@ -1,31 +1,9 @@
-import json
-
 import pytest
 from twisted.internet.task import Clock
 
 from iw_relay.config import RelayConfig
 from iw_relay.registry import RoomRegistry, room_hash
-
-
-class FakeMember:
-    """A member that records what it is given; `close` is answered by the test."""
-
-    def __init__(self, connection_id: str, fail_on_close: bool = False):
-        self.connection_id = connection_id
-        self.delivered: list[dict] = []
-        self.closed_with: tuple[int, str] | None = None
-        self.fail_on_close = fail_on_close
-
-    def deliver(self, frame: bytes) -> None:
-        self.delivered.append(json.loads(frame))
-
-    def close(self, code: int, reason: str) -> None:
-        if self.fail_on_close:
-            raise RuntimeError("broken member")
-        self.closed_with = (code, reason)
-
-    def kinds(self):
-        return [m["type"] for m in self.delivered]
+from tests.members import Member
 
 
 @pytest.fixture
@@ -48,7 +26,7 @@ def check_counters(registry):
 
 
 def test_join_creates_room_and_announces(registry):
-    a, b = FakeMember("a"), FakeMember("b")
+    a, b = Member(None, "a"), Member(None, "b")
     registry.join(a, "room1")
     registry.join(b, "room1")
     assert a.delivered == [
@@ -64,7 +42,7 @@ def test_join_creates_room_and_announces(registry):
 
 
 def test_broadcast_reaches_others_in_the_room_only(registry):
-    a, b, c, other = FakeMember("a"), FakeMember("b"), FakeMember("c"), FakeMember("x")
+    a, b, c, other = Member(None, "a"), Member(None, "b"), Member(None, "c"), Member(None, "x")
     for member in (a, b, c):
         registry.join(member, "r")
     registry.join(other, "elsewhere")
@@ -75,7 +53,7 @@ def test_broadcast_reaches_others_in_the_room_only(registry):
 
 
 def test_a_message_from_a_lone_member_is_still_counted(registry):
-    a = FakeMember("a")
+    a = Member(None, "a")
     registry.join(a, "r")
     registry.broadcast(a, b'{"type":"op"}')
     assert registry.stats.messagesRelayed == 1
@@ -83,7 +61,7 @@ def test_a_message_from_a_lone_member_is_still_counted(registry):
 
 
 def test_leave_announces_once_and_deletes_empty_room(registry):
-    a, b = FakeMember("a"), FakeMember("b")
+    a, b = Member(None, "a"), Member(None, "b")
     registry.join(a, "r")
     registry.join(b, "r")
     registry.leave(b)
@@ -98,20 +76,20 @@ def test_leave_announces_once_and_deletes_empty_room(registry):
 
 
 def test_empty_room_is_recreated_with_a_new_expiry(registry, clock):
-    a = FakeMember("a")
+    a = Member(None, "a")
     registry.join(a, "r")
     first_expiry = registry.rooms["r"].expires_at
     clock.advance(50)
     registry.leave(a)
-    registry.join(FakeMember("b"), "r")
+    registry.join(Member(None, "b"), "r")
     assert registry.rooms["r"].expires_at == first_expiry + 50
 
 
 def test_expiry_fixed_at_creation_and_swept_at_the_right_tick(registry, clock):
-    a = FakeMember("a")
+    a = Member(None, "a")
     registry.join(a, "r")          # created at 0: expires at 100
     clock.pump([10] * 5)
-    registry.join(FakeMember("b"), "r")  # a later join does not move the expiry
+    registry.join(Member(None, "b"), "r")  # a later join does not move the expiry
     clock.pump([10] * 4)           # t = 90: not yet
     assert a.closed_with is None
     clock.pump([10])               # t = 100: the sweep at 100 expires it
@@ -128,15 +106,15 @@ def test_expiry_fixed_at_creation_and_swept_at_the_right_tick(registry, clock):
 
 def test_default_expiry_text_is_the_originals():
     registry = RoomRegistry(RelayConfig(), Clock())
-    a = FakeMember("a")
+    a = Member(None, "a")
     registry.join(a, "r")
     registry.expire(registry.rooms["r"])
     assert a.closed_with == (1000, "Room expired after 24 hours")
 
 
 def test_sweep_survives_a_failing_member(registry, clock, logged_failures):
-    broken, fine, neighbour = (FakeMember("broken", fail_on_close=True), FakeMember("fine"),
-                               FakeMember("neighbour"))
+    broken, fine, neighbour = (Member(None, "broken", fail_on_close=True), Member(None, "fine"),
+                               Member(None, "neighbour"))
     registry.join(broken, "r1")
     registry.join(neighbour, "r1")
     registry.join(fine, "r2")
@@ -146,7 +124,7 @@ def test_sweep_survives_a_failing_member(registry, clock, logged_failures):
     failures = logged_failures.take()
     assert len(failures) == 1 and "broken member" in failures[0]["log_failure"].getTraceback()
     # And the LoopingCall is still running: a room created later expires too.
-    later = FakeMember("later")
+    later = Member(None, "later")
     registry.join(later, "r3")
     clock.pump([10] * 10)
     assert later.closed_with is not None
@@ -155,7 +133,7 @@ def test_sweep_survives_a_failing_member(registry, clock, logged_failures):
 
 
 def test_sweep_survives_an_exception_in_the_sweep_itself(registry, clock, logged_failures):
-    registry.join(FakeMember("a"), "r1")
+    registry.join(Member(None, "a"), "r1")
     real_expire = registry.expire
     calls = []
 
@@ -173,13 +151,13 @@ def test_sweep_survives_an_exception_in_the_sweep_itself(registry, clock, logged
 
 
 def test_a_failing_delivery_harms_no_other_member(registry, logged_failures):
-    class Broken(FakeMember):
+    class Broken(Member):
         def deliver(self, frame):
             if b'"op"' in frame:
                 raise RuntimeError("cannot deliver")
             super().deliver(frame)
 
-    sender, broken, fine = FakeMember("s"), Broken("b"), FakeMember("f")
+    sender, broken, fine = Member(None, "s"), Broken(None, "b"), Member(None, "f")
     for member in (sender, broken, fine):
         registry.join(member, "r")
     registry.broadcast(sender, b'{"type":"op"}')
@@ -190,7 +168,7 @@ def test_a_failing_delivery_harms_no_other_member(registry, logged_failures):
 
 def test_stop_survives_a_failing_member(clock, logged_failures):
     registry = RoomRegistry(RelayConfig(), clock)
-    broken, fine = FakeMember("broken", fail_on_close=True), FakeMember("fine")
+    broken, fine = Member(None, "broken", fail_on_close=True), Member(None, "fine")
     registry.join(broken, "r")
     registry.join(fine, "r")
     stopped = registry.stopService()
@@ -207,7 +185,7 @@ def test_logs_carry_a_hash_never_the_room_id(registry):
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        registry.join(FakeMember("a"), "secret-room")
+        registry.join(Member(None, "a"), "secret-room")
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert events
@@ -216,7 +194,7 @@ def test_logs_carry_a_hash_never_the_room_id(registry):
 
 
 def test_stop_tells_everyone_and_waits_for_them(registry, clock):
-    a, b = FakeMember("a"), FakeMember("b")
+    a, b = Member(None, "a"), Member(None, "b")
     registry.join(a, "r")
     registry.join(b, "s")
     stopped = registry.stopService()
@@ -233,7 +211,7 @@ def test_stop_tells_everyone_and_waits_for_them(registry, clock):
 def test_stop_gives_up_after_the_shutdown_timeout(clock):
     registry = RoomRegistry(RelayConfig(shutdown_timeout=3), clock)
     registry.startService()
-    registry.join(FakeMember("a"), "r")
+    registry.join(Member(None, "a"), "r")
     stopped = registry.stopService()
     clock.advance(2.9)
     assert not stopped.called

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 
 from iw_relay.config import RelayConfig
 from iw_relay.registry import RoomRegistry
-from tests.test_registry import FakeMember
+from tests.members import Member, h
 
 
 def ids(*clients):
@@ -119,14 +119,14 @@ def test_unicast_bad_json_is_still_a_parse_error(relay):
 
 def test_registry_unicast_counts_and_refuses():
     registry = RoomRegistry(RelayConfig(), Clock())
-    a, b, c = FakeMember("a"), FakeMember("b"), FakeMember("c")
+    a, b, c = Member(None, "a"), Member(None, "b"), Member(None, "c")
     registry.join(a, "r")
     registry.join(b, "r")
     registry.join(c, "other")
-    assert registry.unicast(a, "b", b'{"type":"x"}') is True
+    assert registry.unicast(a, h("b"), b'{"type":"x"}') is True
     assert b.delivered[-1] == {"type": "x"}
-    assert registry.unicast(a, "c", b'{"type":"x"}') is False  # another room
-    assert registry.unicast(a, "a", b'{"type":"x"}') is False  # itself
+    assert registry.unicast(a, h("c"), b'{"type":"x"}') is False  # another room
+    assert registry.unicast(a, h("a"), b'{"type":"x"}') is False  # itself
     assert registry.unicast(a, "zz", b'{"type":"x"}') is False
     assert registry.stats.messagesRelayed == 1
     assert sum(registry.relay_seconds.counts) == 1

@@ -11,30 +11,25 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.clients import connect, join
-from tests.test_twistd import (
+from tests.helpers import NOT_FOUND_TEXT, SHUTDOWN_MESSAGE, get_json, http_get, within
+from tests.relay_process import (
     CHECKOUT,
     LOOPBACK,
-    NOT_FOUND_TEXT,
-    SHUTDOWN_MESSAGE,
     TWISTD,
     assert_exited_by,
-    get_json,
-    http_get,
     relay_environment,
-    spawn,  # noqa: F401 (a fixture)
     stop_relay,
-    within,
 )
 
 TAP = CHECKOUT / "tap"
 
 
-def run_tac(spawn, name: str, env: dict[str, str]):  # noqa: F811
+def run_tac(spawn, name: str, env: dict[str, str]):
     return spawn([TWISTD, "-n", "--pidfile=", "-y", str(TAP / name)], env)
 
 
 @pytest_twisted.ensureDeferred
-async def test_application_adopts_the_relay(spawn):  # noqa: F811
+async def test_application_adopts_the_relay(spawn):
     room = "AdoptedRoomK4"
     relay = await run_tac(spawn, "iwrelay.tac", {"IWRELAY_PORT": LOOPBACK}).wait_listening()
     port = relay.port
@@ -63,7 +58,7 @@ async def test_application_adopts_the_relay(spawn):  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_relay_mounted_under_an_application_site(spawn):  # noqa: F811
+async def test_relay_mounted_under_an_application_site(spawn):
     room = "MountedRoomQ7"
     env = {"APP_PORT": LOOPBACK, "IWRELAY_ROOM_EXPIRY": "2s",
            "IWRELAY_CLEANUP_INTERVAL": "100ms"}
@@ -131,7 +126,7 @@ TACS = {"iwrelay.tac": ("IWRELAY_PORT", "/room/"), "mounted.tac": ("APP_PORT", "
 
 @pytest.mark.parametrize("tac", sorted(TACS))
 @pytest_twisted.ensureDeferred
-async def test_both_applications_read_every_setting_from_the_environment(spawn, tac):  # noqa: F811
+async def test_both_applications_read_every_setting_from_the_environment(spawn, tac):
     """The .tac files read the environment as `twistd iwrelay` does, not only the port."""
     port_variable, rooms = TACS[tac]
     env = {port_variable: LOOPBACK, "IWRELAY_MAX_ROOM_SIZE": "1",

@@ -12,12 +12,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from iw_relay.config import RelayConfig
 from iw_relay.service import RelayService
 from tests.clients import client_factory, join
-
-
-def free_port(family=socket.AF_INET, host="127.0.0.1"):
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+from tests.helpers import free_port
 
 
 def trusting(ca):

@@ -3,267 +3,62 @@
 Each test starts its own relay process on 127.0.0.1 (port 0, the port read back from the
 "starting on N" log line, or a free port found by the test when the log level hides that
 line), waits for it by polling (bounded by a deadline), and stops it with a signal; the
-`spawn` fixture kills whatever is still running at teardown.
-
-The subprocesses import the checkout (PYTHONPATH), not an installed copy, and the relay's
-environment variables of the calling shell are removed so that only the test's own apply.
+`spawn` fixture (conftest.py) kills whatever is still running at teardown.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
 import trustme
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
 from iw_relay.registry import room_hash
 from tests.clients import RelayClient, connect, join
+from tests.helpers import (
+    NOT_FOUND_TEXT,
+    SHUTDOWN_MESSAGE,
+    free_port,
+    get_json,
+    http_get,
+    now_ms,
+    until,
+    within,
+)
+from tests.relay_process import (
+    LOOPBACK,
+    TWISTD,
+    assert_exited_by,
+    relay_environment,
+    script,
+    start_relay,
+    stop_relay,
+)
 
-CHECKOUT = Path(__file__).resolve().parent.parent
-_BIN = Path(sys.executable).parent
-
-
-def _script(name: str) -> str:
-    """The console script installed next to this Python (a pyenv shim would be slower)."""
-    beside = _BIN / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    assert found, f"the {name} script is not installed"
-    return found
-
-
-# `python -m twisted.scripts.twistd` does nothing (that module has no __main__ block), so
-# the tests run the script a user types.
-TWISTD = _script("twistd")
-LOOPBACK = "tcp:0:interface=127.0.0.1"
-LISTENING = re.compile(r"(\(TLS\) )?starting on (\d+)")
-_RELAY_VARIABLES = re.compile(r"^(IWRELAY_\w*|PORT|LOG_LEVEL|NODE_ENV)$")
-SHUTDOWN_MESSAGE = {"type": "server-shutdown", "message": "Server is shutting down"}
 ROOM_ID_REQUIRED = "Room ID required. Use /room/{roomId} or /?room={roomId}"
 ROOM_ID_INVALID = (
     "Invalid room ID format. Use alphanumeric characters, dash, or underscore only."
 )
-NOT_FOUND_TEXT = b"Impossible Writer Relay - Use WebSocket endpoint: ws://host/room/{roomId}"
 CONNECTION_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
-# -- waiting, with deadlines ---------------------------------------------------------------
-
-
-async def within(waiting: Deferred | Coroutine[Any, Any, Any], seconds: float = 5.0) -> Any:
-    """The result of `waiting`, or TimeoutError after `seconds`."""
-    if not isinstance(waiting, Deferred):
-        waiting = Deferred.fromCoroutine(waiting)
-    return await waiting.addTimeout(seconds, reactor)
-
-
-async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` (every 20 ms, up to `timeout`) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
-def free_port() -> int:
-    """A port that was free a moment ago, for runs where the log cannot tell the port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# -- the relay process -----------------------------------------------------------------------
-
-
-def relay_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not _RELAY_VARIABLES.match(k)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
-
-
-def _default_sigint() -> None:
-    # A shell's background job ignores SIGINT and children inherit that; the SIGINT test
-    # needs the process to see it as a user at a terminal would.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class RelayProcess:
-    """A twistd (or twist) subprocess whose stdout and stderr go to files."""
-
-    def __init__(self, argv: Sequence[str], env: dict[str, str], workdir: Path,
-                 name: str) -> None:
-        self.argv = list(argv)
-        self.stdout_path = workdir / f"{name}.stdout"
-        self.stderr_path = workdir / f"{name}.stderr"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                cwd=workdir, preexec_fn=_default_sigint,
-            )
-        self.ports: list[int] = []
-        self.tls_ports: list[int] = []
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    @property
-    def port(self) -> int:
-        return self.ports[0]
-
-    def _check_running(self) -> None:
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"{self.argv} exited with {self.process.returncode}\n"
-                f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
-            )
-
-    async def wait_listening(self, count: int = 1) -> RelayProcess:
-        """Wait for `count` "starting on N" log lines; record the plain and TLS ports."""
-
-        def listening() -> list[tuple[str, str]] | None:
-            self._check_running()
-            found = LISTENING.findall(self.stdout)
-            return found if len(found) >= count else None
-
-        found = await until(listening, f"{count} listening port(s) of {self.argv}", 15)
-        self.ports = [int(port) for tls, port in found if not tls]
-        self.tls_ports = [int(port) for tls, port in found if tls]
-        return self
-
-    async def wait_serving(self, port: int) -> RelayProcess:
-        """Poll GET /health on `port` until it answers 200."""
-        deadline = time.monotonic() + 15
-        while True:
-            self._check_running()
-            try:
-                code, _, _ = await http_get(port, "/health")
-            except ConnectionRefusedError:
-                code = None
-            if code == 200:
-                self.ports = [port]
-                return self
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.argv} never served /health on {port}")
-            await deferLater(reactor, 0.05, lambda: None)
-
-    async def wait_exit(self, timeout: float = 10.0) -> int:
-        await until(lambda: self.process.poll() is not None, f"{self.argv} to exit", timeout)
-        return self.process.returncode
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path):
-    """spawn(argv, env=None) -> RelayProcess; every process is killed at teardown."""
-    started: list[RelayProcess] = []
-
-    def start(argv: Sequence[str], env: dict[str, str] | None = None) -> RelayProcess:
-        process = RelayProcess(argv, relay_environment(env), tmp_path, f"p{len(started)}")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-
-
-async def start_relay(spawn: Callable[..., RelayProcess], *options: str,
-                      env: dict[str, str] | None = None, listening: int = 1) -> RelayProcess:
-    """`twistd -n --pidfile= iwrelay OPTIONS`, once it listens."""
-    process = spawn([TWISTD, "-n", "--pidfile=", "iwrelay", *options], env)
-    return await process.wait_listening(listening)
-
-
-async def stop_relay(process: RelayProcess, clients: Sequence[RelayClient] = (),
-                     sig: int = signal.SIGTERM) -> int:
-    """Signal the relay; every open client must be closed with 1001; returns the exit code."""
-    process.process.send_signal(sig)
-    for client in clients:
-        if client.close_code is None:
-            code, reason = await within(client.closed, 10)
-            assert (code, reason) == (1001, "Server shutting down")
-    return await process.wait_exit()
-
-
-def assert_exited_by(returncode: int, sig: int, process: RelayProcess,
-                     logs_info: bool = True, plugin: bool = True) -> None:
-    """twistd stops cleanly on SIGTERM/SIGINT. The plugin exits 0 (it replaces Twisted's
-    handlers); an application of one's own (.tac) keeps Twisted's, which re-raise the
-    signal on the process after the clean stop."""
-    output = process.stdout + process.stderr
-    if plugin:
-        assert returncode == 0, output
-        assert f"received {signal.Signals(sig).name}: shutting down" in output or not logs_info
-    else:
-        assert returncode == -sig, output
-    if logs_info:
-        assert "Server Shut Down." in output
-    assert "Traceback" not in output
-
-
 # -- HTTP and raw WebSocket helpers --------------------------------------------------------
-
-
-async def http_get(port: int, path: str, trust: Certificate | None = None,
-                   ) -> tuple[int, dict[str, list[str]], bytes]:
-    """GET over a fresh, non-persistent connection; https verifying against `trust`."""
-    if trust is None:
-        agent = Agent(reactor)
-        url = f"http://127.0.0.1:{port}{path}"
-    else:
-        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust))
-        url = f"https://127.0.0.1:{port}{path}"
-    response = await within(treq.get(url, agent=agent))
-    body = await within(treq.content(response))
-    headers = {k.decode().lower(): [v.decode() for v in vs]
-               for k, vs in response.headers.getAllRawHeaders()}
-    return response.code, headers, body
-
-
-async def get_json(port: int, path: str, trust: Certificate | None = None) -> dict[str, Any]:
-    code, headers, body = await http_get(port, path, trust)
-    assert code == 200, body
-    assert headers["content-type"] == ["application/json"]
-    return json.loads(body)
 
 
 async def stats_when(port: int, ready: Callable[[dict[str, Any]], bool],
@@ -889,7 +684,7 @@ def test_bad_option_value_is_one_line_before_listening(tmp_path, options, env, n
                                                        program):
     """The error is all that is printed: not buried under the 90 lines of --help."""
     ports = [] if "PORT" in env else ["--port", f"tcp:{free_port()}:interface=127.0.0.1"]
-    launcher = [TWISTD, "-n", "--pidfile="] if program == "twistd" else [_script("twist")]
+    launcher = [TWISTD, "-n", "--pidfile="] if program == "twistd" else [script("twist")]
     finished = subprocess.run(
         [*launcher, "iwrelay", *ports, *options],
         env=relay_environment(env), cwd=tmp_path, capture_output=True, text=True,
@@ -914,7 +709,7 @@ def test_a_busy_port_is_one_line_and_a_failure(tmp_path, program):
         taken.listen()
         busy = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
         launcher = [TWISTD, "-n", "--pidfile="] if program == "twistd" else [
-            _script("twist")]
+            script("twist")]
         finished = subprocess.run(
             [*launcher, "iwrelay", "--port", LOOPBACK, "--port", busy],
             env=relay_environment(), cwd=tmp_path, capture_output=True, text=True,
@@ -930,7 +725,7 @@ def test_a_busy_port_is_one_line_and_a_failure(tmp_path, program):
 @pytest_twisted.ensureDeferred
 async def test_twist_runs_the_plugin_too(spawn):
     port = free_port()
-    relay = spawn([_script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1"])
+    relay = spawn([script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1"])
     await relay.wait_serving(port)
     alice = await join(reactor, port, "TwistRoomW3")
     bob = await join(reactor, port, "TwistRoomW3")
@@ -947,7 +742,7 @@ async def test_twist_runs_the_plugin_too(spawn):
 async def test_twist_takes_the_relays_log_options_after_the_plugin_name(spawn):
     """`twist iwrelay --log-format json --log-level warn` logs as twistd would."""
     port = free_port()
-    relay = spawn([_script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1",
+    relay = spawn([script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1",
                    "--log-format", "json", "--log-level", "warn"])
     await relay.wait_serving(port)
     alice = await join(reactor, port, "TwistWarnRoom")
@@ -957,7 +752,7 @@ async def test_twist_takes_the_relays_log_options_after_the_plugin_name(spawn):
     assert "starting on" not in relay.stdout
 
     port = free_port()
-    relay = spawn([_script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1",
+    relay = spawn([script("twist"), "iwrelay", "--port", f"tcp:{port}:interface=127.0.0.1",
                    "--log-format", "json"])
     await relay.wait_serving(port)
     alice = await join(reactor, port, "TwistJsonRoom")

@@ -1,14 +1,11 @@
 """The HTTP side and the WebSocket upgrade over real loopback sockets, in-process."""
 
-import json
 import re
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -16,23 +13,12 @@ from iw_relay.config import RelayConfig
 from iw_relay.service import RelayService
 from iw_relay.web import format_uptime
 from tests.clients import connect, join
+from tests.helpers import NOT_FOUND_TEXT, get_json, http_get
 
 
 @pytest.fixture
 def server(serve):
     return pytest_twisted.blockon(serve(RelayConfig(ping_interval=0)))
-
-
-def http_get(url):
-    """A GET on a fresh connection that is closed after it (no timers left behind)."""
-    return treq.get(url, pool=HTTPConnectionPool(reactor, persistent=False))
-
-
-async def get_json(port, path):
-    response = await http_get(f"http://127.0.0.1:{port}{path}")
-    assert response.code == 200
-    assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    return json.loads(await response.text())
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
@@ -87,11 +73,10 @@ async def test_health_and_stats(server):
 @pytest_twisted.ensureDeferred
 async def test_other_paths_are_the_originals_404(server, path):
     _, port = server
-    response = await http_get(f"http://127.0.0.1:{port}{path}")
-    assert response.code == 404
-    assert response.headers.getRawHeaders("content-type") == ["text/plain"]
-    assert await response.text() == (
-        "Impossible Writer Relay - Use WebSocket endpoint: ws://host/room/{roomId}")
+    code, headers, body = await http_get(port, path)
+    assert code == 404
+    assert headers["content-type"] == ["text/plain"]
+    assert body == NOT_FOUND_TEXT
 
 
 @pytest.mark.parametrize("path", ["/health", "/stats", "/room/"])
@@ -147,8 +132,8 @@ async def test_mounted_under_a_path_of_another_site():
     listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
     port = listening.getHost().port
     try:
-        page = await http_get(f"http://127.0.0.1:{port}/")
-        assert await page.text() == "the host application"
+        _, _, page = await http_get(port, "/")
+        assert page == b"the host application"
         health = await get_json(port, "/relay/health")
         assert health["status"] == "healthy"
         a = await connect(reactor, port, "/relay/room/abc")

@@ -120,10 +120,3 @@ class TurnServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-
-
-@pytest.fixture
-def turn_server(tmp_path: Path):
-    server = TurnServer(tmp_path).start()
-    yield server
-    server.stop()

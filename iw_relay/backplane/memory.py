@@ -82,7 +82,7 @@ class MemoryStore:
         self.up = False
         self.generation = 0
         self.node = ""
-        self._link: StoreLink | None = None
+        self._link: StoreLink  # set by connect(), before anything calls it
 
     # -- links --------------------------------------------------------------------------
 

@@ -129,7 +129,7 @@ class RedisStore:
         self.subscriber: _Subscriber | None = None
         self.in_flight = 0
         self._node = ""
-        self._link: StoreLink | None = None
+        self._link: StoreLink  # set by connect(), before anything calls it
         endpoint = TCP4ClientEndpoint(reactor, self.settings["host"], self.settings["port"],
                                       timeout=5)
         policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0)
@@ -277,6 +277,8 @@ class RedisStore:
 def redis_backplane(config: RelayConfig, clock: IReactorTime, reactor: Any,
                     node_id: str | None = None) -> SharedBackplane:
     """The backplane for ``--redis``: a `SharedBackplane` over a `RedisStore`."""
+    if config.redis is None:
+        raise ValueError("the Redis backplane needs --redis")
     dead_after = config.node_heartbeat * HEARTBEATS_TO_DEATH
     node_id = node_id or secrets.token_hex(8)
     return SharedBackplane(

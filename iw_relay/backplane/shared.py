@@ -131,7 +131,7 @@ class SharedBackplane:
         self.codec = Codec(max_payload)
         self.stats = SharedStats()
         self.state = "disconnected"  # a mirror of the machine's state, for reports only
-        self._events: BackplaneEvents | None = None
+        self._events: BackplaneEvents  # set by attach(), before anything calls it
         self._header = encode_header(node_id)
         self._outbox: dict[str, list[bytes]] = {}
         self._outbox_messages = 0

@@ -34,7 +34,6 @@ else:
     MISSING = None
 from iw_relay.bench.stats import P99_LIMIT_MS, StepReport, format_step, human_bytes
 
-SCENARIOS = ("fanout", "bigroom", "idle", "connect", "soak")
 FAIR_RATE_LIMIT = 90.0  # runner.FAIR_RATE_LIMIT, here so that --help works without it
 DEFAULT_URL = "ws://127.0.0.1:3000"
 COMPARE_FIGURES = ("connect", "fanout", "bigroom", "idle")  # compare.FIGURES, in order

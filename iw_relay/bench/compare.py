@@ -318,9 +318,9 @@ def table(measurements: Sequence[Measurement], figures: Sequence[str], args: arg
                       if by_run["original"].get(r)]
         cells = []
         for implementation, mid in (("iw-relay", ours), ("original", theirs)):
-            values = per[implementation]
-            cells.append(f"{_fmt(mid, unit, digits)} ({_fmt(min(values), unit, digits)}-"
-                         f"{_fmt(max(values), unit, digits)})" if values else "-")
+            spread = per[implementation]
+            cells.append(f"{_fmt(mid, unit, digits)} ({_fmt(min(spread), unit, digits)}-"
+                         f"{_fmt(max(spread), unit, digits)})" if spread else "-")
         lines.append((label, unit, *cells, "-" if ratio is None else f"{ratio:.2f}x",
                       ", ".join(f"{r:.2f}" for r in run_ratios) or "-"))
         rows.append({"figure": figure, "key": key, "label": label, "unit": unit,

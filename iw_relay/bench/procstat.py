@@ -33,7 +33,7 @@ class Sample:
     """One reading of a process: CPU seconds so far, RSS, and when (monotonic)."""
 
     cpu_s: float
-    rss: int | None
+    rss: int
     at: float
 
     @classmethod

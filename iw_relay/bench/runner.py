@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from time import monotonic_ns
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 from urllib.request import urlopen
 
@@ -87,7 +87,7 @@ def parse_target(url: str) -> Target:
     address = host
     if host == "localhost":
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = [info[4][0] for info in infos]
+        addresses = [str(info[4][0]) for info in infos]
         if not addresses or not all(ipaddress.ip_address(a).is_loopback for a in addresses):
             raise BenchError(f"localhost resolves to {addresses}, not only loopback")
         address = addresses[0]
@@ -135,7 +135,9 @@ class Generator:
         while len(replies) < len(self.conns):
             pending = [c for i, c in enumerate(self.conns) if i not in replies]
             left = deadline - time.monotonic()
-            ready = wait(pending, timeout=max(0.0, left)) if left > 0 else []
+            # wait() returns some of the objects it was given: here, connections.
+            ready = cast("list[Connection]", wait(pending, timeout=max(0.0, left))
+                         ) if left > 0 else []
             if not ready:
                 raise BenchError(f"{len(pending)} worker(s) did not answer in {timeout:.0f}s")
             for conn in ready:
@@ -441,7 +443,7 @@ def room_members(run: Run, clients: int, rooms: int, senders_per_room: int | Non
     sizes = [clients // rooms + (1 if r < clients % rooms else 0) for r in range(rooms)]
     nodes = len(run.settings.targets)
     placement = run.settings.placement
-    members = []
+    members: list[Member] = []
     for number, size in enumerate(sizes):
         room = run.room_name(number)
         senders = size if senders_per_room is None else min(size, senders_per_room)
@@ -584,7 +586,8 @@ def run_idle(settings: Settings, report: Callable[[StepReport], None], clients: 
             if joined["failed"]:
                 step.extra["refusal"] = failure_line(joined["failed"], len(chunk),
                                                      joined["problems"])
-            if baseline is not None and after is not None and previous_rss is not None:
+            if (baseline_rss is not None and after is not None
+                    and previous_rss is not None):
                 rss = sum(sample.rss or 0 for sample in after)
                 step.server.rss_bytes = rss  # type: ignore[union-attr]
                 step.extra.update(
@@ -757,8 +760,9 @@ def run_soak(settings: Settings, report: Callable[[StepReport], None], cycles: i
             result.steps.append(step)
             report(step)
     rss = [s.server.rss_bytes for s in result.steps if s.server and s.server.rss_bytes]
-    if rss and result.steps[0].server.rss_start_bytes:
-        rss.insert(0, result.steps[0].server.rss_start_bytes)  # before the first cycle
+    first = result.steps[0].server if result.steps else None
+    if rss and first is not None and first.rss_start_bytes:
+        rss.insert(0, first.rss_start_bytes)  # before the first cycle
     result.summary = {
         "kind": "summary", "scenario": "soak", "cycles": sum(
             s.extra["cycles"] for s in result.steps),

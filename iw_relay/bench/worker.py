@@ -12,7 +12,6 @@ import sys
 import threading
 import traceback
 from collections import Counter
-from collections.abc import Awaitable
 from multiprocessing.connection import Connection
 from time import monotonic_ns
 from typing import Any
@@ -229,7 +228,7 @@ class Worker:
     async def op_drain(self, sent_by_room: dict[str, int], timeout: float) -> dict[str, Any]:
         """Wait (at most `timeout`) until every connection got every message its room's
         other members sent in the step; report counts and latencies."""
-        waits: list[Awaitable[None]] = []
+        waits: list[asyncio.Future[None]] = []
         expected = 0
         for client in self.clients:
             want = sent_by_room.get(client.room, 0) - client.sent

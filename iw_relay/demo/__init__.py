@@ -14,10 +14,11 @@ from importlib.resources import files
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-# The page's script is inline; nothing else may run, and it may connect to its own origin
-# only: CSP Level 3's 'self' covers ws: and wss: to the same host and port.
+# The page's script is inline, plus the relay's own /client.js; nothing else may run, and
+# it may connect to its own origin only: CSP Level 3's 'self' covers ws: and wss: to the
+# same host and port.
 CONTENT_SECURITY_POLICY = (
-    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    b"default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; "
     b"connect-src 'self'; base-uri 'none'; form-action 'none'; "
     b"frame-ancestors 'none'"
 )
