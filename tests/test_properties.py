@@ -76,7 +76,7 @@ def test_a_message_is_relayed_as_the_client_wrote_it(message):
     """The stamps are appended to the client's own bytes, spacing included (nothing is
     re-encoded), unless it sent a stamp itself."""
     payload = json.dumps(message).encode()
-    relayed = messages.relayed(payload, "0123456789abcdef", 1234)
+    relayed = messages.stamped(payload, "0123456789abcdef", 1234)[0]
     if "connectionId" in message or "timestamp" in message:
         assert json.loads(relayed)["connectionId"] == "0123456789abcdef"
     else:
