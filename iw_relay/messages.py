@@ -77,6 +77,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_JSON_BLANKS = b" \t\n\r"
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
@@ -108,13 +109,24 @@ def stamped(payload: bytes, connection_id: str, timestamp_ms: int,
     `owns_seq` (connection recovery on): a ``seq`` the client put in is removed, since
     the relay adds its own; with recovery off it stays, as it always did."""
     message = decode_client_message(payload)
-    if owns_seq:
-        message.pop("seq", None)
+    target = message.get("to")
+    target = target if isinstance(target, str) else None
+    if owns_seq and "seq" in message:
+        message.pop("seq")
+    elif ("connectionId" not in message and "timestamp" not in message
+            and payload.isascii()):
+        # The client's own JSON, already checked, with the two stamps appended before its
+        # closing brace: re-encoding the whole message cost more than decoding it. Its
+        # spacing and escapes reach the peers as the client wrote them (same JSON value);
+        # non-ASCII text is re-encoded, so that it always arrives as \u escapes.
+        body = payload.rstrip(_JSON_BLANKS)
+        if body.endswith(b"}"):
+            return b'%s,"connectionId":"%s","timestamp":%d}' % (
+                body[:-1], connection_id.encode("ascii"), timestamp_ms), target
     message["connectionId"] = connection_id
     message["timestamp"] = timestamp_ms
-    target = message.get("to")
     try:
-        return encode(message), target if isinstance(target, str) else None
+        return encode(message), target
     except (ValueError, RecursionError):
         raise MessageError(PARSE_ERROR, PARSE_ERROR_MESSAGE) from None
 

@@ -188,3 +188,44 @@ def test_an_open_connection_carries_only_what_differs_from_its_class(relay):
     relay.flush()
     assert server.wasClean is True and vars(server)["wasClean"] is True  # written back
     assert type(server).wasClean is False
+
+
+def test_prepare_frame_builds_what_autobahn_builds():
+    from autobahn.websocket.protocol import PreparedMessage
+
+    from iw_relay._autobahn import prepare_frame
+    for length in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+        assert vars(prepare_frame(payload)) == vars(
+            PreparedMessage(payload, False, False, False)), length
+
+
+def test_an_idle_open_connection_holds_ten_attributes_at_most(relay):
+    """Autobahn's futures, UTF-8 validator, traffic counts, transport details and peer
+    are made again on first use; a dict of up to 10 keys is the 16-slot size."""
+    relay.join()
+    server = relay.servers[0]
+    assert len(vars(server)) <= 10, sorted(vars(server))
+    assert server.peer.startswith("tcp4:127.0.0.1:")  # made again when read
+    assert server.trafficStats.incomingWebSocketMessages == 0
+    closed = server.is_closed
+    assert not closed.called and server.is_open.called
+
+
+def test_lazily_made_attributes_serve_autobahns_own_paths(relay):
+    """A fragmented text message (Autobahn's parser: UTF-8 validator, traffic counts,
+    the "message" event) and a close (is_closed) after the connection was compacted."""
+    sender, peer = relay.join(), relay.join()
+    server = relay.servers[0]
+    closed = server.is_closed
+    sender.beginMessage(isBinary=False)
+    for part in (b'{"type":"x",', b'"a":"\xc3', b'\xa9"}'):  # é split between frames
+        sender.beginMessageFrame(len(part))
+        sender.sendMessageFrameData(part)
+    sender.endMessage()
+    relay.flush()
+    assert peer.received[-1]["a"] == "\u00e9"
+    assert server.trafficStats.incomingWebSocketMessages == 1
+    sender.sendClose(1000)
+    relay.flush()
+    assert closed.called and server.is_closed is closed

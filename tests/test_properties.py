@@ -69,3 +69,15 @@ def test_over_the_wire_each_message_is_relayed_or_answered_once(payloads):
         assert sender.close_code is None
     finally:
         relay.close()
+
+
+@given(MESSAGES.filter(lambda m: m["type"] not in messages.RESERVED_TYPES))
+def test_a_message_is_relayed_as_the_client_wrote_it(message):
+    """The stamps are appended to the client's own bytes, spacing included (nothing is
+    re-encoded), unless it sent a stamp itself."""
+    payload = json.dumps(message).encode()
+    relayed = messages.stamped(payload, "0123456789abcdef", 1234)[0]
+    if "connectionId" in message or "timestamp" in message:
+        assert json.loads(relayed)["connectionId"] == "0123456789abcdef"
+    else:
+        assert relayed == payload[:-1] + b',"connectionId":"0123456789abcdef","timestamp":1234}'
