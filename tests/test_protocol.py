@@ -1,4 +1,4 @@
-"""SPEC.md section 1, row by row: the real protocol and real Autobahn clients over
+"""docs/protocol.rst, row by row: the real protocol and real Autobahn clients over
 in-memory transports, time driven by a Clock."""
 
 import json
