@@ -251,16 +251,19 @@ class LeanServerProtocol(WebSocketServerProtocol):
 
     _compact_when_open = False
     # Made on first use once _compact() dropped them (an idle connection never does).
-    is_closed = _PerConnection(lambda connection: txaio.create_future())
+    # (txaio fills in its API at run time: the type checker cannot see create_future.)
+    is_closed = _PerConnection(lambda connection: txaio.create_future())  # type: ignore[attr-defined]
     # Dropped only once fired: the opening handshake is over.
-    is_open = _PerConnection(lambda connection: txaio.create_future(result=None))
+    is_open = _PerConnection(
+        lambda connection: txaio.create_future(result=None))  # type: ignore[attr-defined]
     utf8validator = _PerConnection(lambda connection: Utf8Validator())
     trafficStats = _PerConnection(lambda connection: TrafficStats())
     _results = _PerConnection(lambda connection: {"message": None})
-    _valid_events = ("message",)
+    _valid_events = ("message",)  # type: ignore[assignment]  # a tuple reads as Autobahn's list
     peer = _PerConnection(_peer)
     _transport_details = _PerConnection(_transport_details)
-    websocket_extensions = websocket_extensions_in_use = websocket_protocols = ()
+    # Empty tuples read as Autobahn's empty lists (see _EMPTY_WHEN_OPEN).
+    websocket_extensions = websocket_extensions_in_use = websocket_protocols = ()  # type: ignore[assignment]
 
     #: Take simple frames on the lean path; False leaves every frame to Autobahn.
     fast_frames = True

@@ -85,8 +85,7 @@ def room_problem(room_id: str | None) -> str | None:
     return None
 
 
-# Autobahn's two base classes declare `peer` and `_transport_details` differently.
-class RelayServerProtocol(Outbox, LeanServerProtocol):  # type: ignore[misc]
+class RelayServerProtocol(Outbox, LeanServerProtocol):
     """One client connection: a member of one room once the handshake is done."""
 
     _log = Logger()
