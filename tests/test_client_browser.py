@@ -315,19 +315,26 @@ window.WebSocket = class extends Native {
 """
 
 
-def test_closing_while_it_reconnects_stops_it(world):
-    """Time in the page is Playwright's fake clock: the backoff is run through, not
-    waited for."""
+def cut_off_page_on_a_fake_clock(world, room: str):
+    """A page counting its sockets, on Playwright's fake clock, joined to `room` through
+    the proxy, then cut off (new connections refused for 30 s) until it saw the close."""
     browser, pages, _, proxy = world
     page = browser.new_context().new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.add_init_script(COUNT_SOCKETS)
     page.clock.install()
     page.goto(pages.url)
-    page.evaluate(RECORD, [f"ws://127.0.0.1:{proxy.port}", "stop-room"])
+    page.evaluate(RECORD, [f"ws://127.0.0.1:{proxy.port}", room])
     page.wait_for_function("window.messages.length === 1")
     proxy.cut(refuse_for=30.0)
     page.wait_for_function("window.events.some((e) => e[0] === 'close')")
+    return page
+
+
+def test_closing_while_it_reconnects_stops_it(world):
+    """Time in the page is Playwright's fake clock: the backoff is run through, not
+    waited for."""
+    page = cut_off_page_on_a_fake_clock(world, "stop-room")
     page.clock.run_for(20_000)  # reconnect attempts, all refused by the proxy
     page.wait_for_function("window.socketsMade >= 3")
     page.evaluate("window.socket.close()")  # the app gives up: no reopening
@@ -339,16 +346,7 @@ def test_closing_while_it_reconnects_stops_it(world):
 
 
 def test_reconnect_backoff_grows_with_jitter_and_is_capped(world):
-    browser, pages, _, proxy = world
-    page = browser.new_context().new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.add_init_script(COUNT_SOCKETS)
-    page.clock.install()
-    page.goto(pages.url)
-    page.evaluate(RECORD, [f"ws://127.0.0.1:{proxy.port}", "backoff-room"])
-    page.wait_for_function("window.messages.length === 1")
-    proxy.cut(refuse_for=30.0)
-    page.wait_for_function("window.events.some((e) => e[0] === 'close')")
+    page = cut_off_page_on_a_fake_clock(world, "backoff-room")
     made = [page.evaluate("window.socketsMade")]
     for _ in range(8):  # 8 s of page time: 250 ms doubling, capped at 10 s
         page.clock.run_for(1_000)
