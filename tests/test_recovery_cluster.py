@@ -10,8 +10,11 @@ import json
 import pytest
 
 from iw_relay.registry import RoomRegistry
+from tests import test_backplane_memory
 from tests.members import Member
-from tests.test_backplane_memory import Cluster, cluster  # noqa: F401 (the fixture)
+from tests.test_backplane_memory import Cluster
+
+cluster = test_backplane_memory.cluster  # the fixture: nodes on one MemoryBus
 
 WINDOW = 30.0
 
