@@ -269,9 +269,10 @@ class ClusterRecovery:
     # -- away members ------------------------------------------------------------------
 
     def dropped(self, room: Room, connection_id: str, close_code: int,
-                closed_by_server: bool) -> bool:
-        """True: the member is away (say nothing now); False: it is gone."""
-        grace = keeps_grace(close_code, closed_by_server)
+                closed_by_server: bool, final: bool = False) -> bool:
+        """True: the member is away (say nothing now); False: it is gone (and its
+        session ends: `final` when its room expired)."""
+        grace = not final and keeps_grace(close_code, closed_by_server)
         if self.usable:
             try:
                 self.backplane.store.drop_session(self.node, room.key, connection_id, grace,

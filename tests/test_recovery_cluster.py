@@ -247,3 +247,15 @@ def test_a_drop_the_store_did_not_hear_of_still_ends_after_the_window(cluster):
     cluster.bus.settle()
     assert b1.presence()[-1] == ("user-left", "a1", 1)
     assert a.recovery.snapshot()["recoveryAwayMembers"] == 0
+
+
+def test_a_member_of_an_expired_room_cannot_resume(cluster):
+    a, b = node(cluster, room_expiry=50), node(cluster, room_expiry=50)
+    a1 = cluster.join(a, "a1")
+    cluster.join(b, "b1")
+    cluster.clock.pump([10.0] * 6)
+    assert a1.closed_with is not None and a1.closed_with[0] == 1000  # room-expired
+    back = resume(cluster, b, "back", a1)
+    cluster.bus.settle()
+    assert back.of("connected")[0]["recovered"] is False
+    assert b.recovery.stats.failed["session_ended"] == 1
