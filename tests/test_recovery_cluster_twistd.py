@@ -111,3 +111,22 @@ async def test_kill_9_of_its_node_then_resume_elsewhere_misses_nothing(spawn, re
     assert seqs == list(range(seqs[0], seqs[0] + 20))  # nothing missing, nothing twice
     assert presence(peer) == ["connected", "user-joined"]  # the peer saw no user-left
     assert await stop_relay(survivor, [peer, back]) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_node_s_client_resumes_elsewhere_and_its_peer_sees_nothing(
+        spawn, redis_server):
+    leaving, staying = await start_nodes(spawn, redis_server.url, 2, *OPTIONS)
+    peer = await join(reactor, staying.port, ROOM)
+    mover = await join(reactor, leaving.port, ROOM)
+    await send_ops(peer, range(3), mover)
+    assert await stop_relay(leaving, [mover]) == 0  # SIGTERM: closed with 1001
+    await send_ops(peer, range(3, 10))
+    back = await resume(staying.port, mover)
+    assert back.received[0]["recovered"] is True
+    await within(_until_op(back, 9))
+    assert [n for n, _ in ops(back)] == list(range(3, 10))
+    back.send_json({"type": "op", "n": 99})
+    await within(_until_op(peer, 99))
+    assert presence(peer) == ["connected", "user-joined"]
+    assert await stop_relay(staying, [peer, back]) == 0
