@@ -9,40 +9,14 @@ client.js through the relay's own resource. Loopback only; every wait is bounded
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium
+from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium, open_page
 from tests.cutting_proxy import CuttingProxy
-from tests.relay_process import relay_environment
-
-CHECKOUT = Path(__file__).resolve().parent.parent
-
-
-class PageServer:
-    """tests/page_server.py in a subprocess, on a free loopback port."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.page_server"], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=CHECKOUT,
-            env=relay_environment(), text=True)
-        line = self.process.stdout.readline()  # bounded: the process prints or exits
-        found = re.match(r"listening on (\d+)", line)
-        if not found:
-            self.stop()
-            raise AssertionError(f"the page server did not start: {line!r}")
-        self.url = f"http://127.0.0.1:{found.group(1)}/"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.process.stdout.close()
+from tests.page_server import PageServer
 
 
 @pytest.fixture
@@ -66,17 +40,6 @@ def world(tmp_path):
         proxy.stop()
         pages.stop()
         relay.kill()
-
-
-def open_page(browser, pages: PageServer):
-    page = browser.new_context().new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(pages.url)
-    page.wait_for_function("typeof IWRelaySocket === 'function'")
-    page.errors = errors
-    return page
 
 
 # The same scenario, run with the browser's WebSocket and with IWRelaySocket: what the
