@@ -44,6 +44,17 @@ def poll(check: Callable[[], T], what: str, timeout: float = 15.0) -> T:
     return result
 
 
+def get(port: int, path: str) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:port/path: the status and body; 0 if nothing answered."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError:
+        return 0, b""
+
+
 def binary(name: str, env: str) -> str:
     """The system's `name` binary; skip without it (fail if `env` is set)."""
     found = shutil.which(name) or next(
@@ -142,21 +153,11 @@ class Node:
         poll(lambda: self.health() == 200, f"{self.name} healthy")
         return self
 
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
-                                        timeout=5) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-        except OSError:
-            return 0, b""
-
     def health(self) -> int:
-        return self.get("/health")[0]
+        return get(self.port, "/health")[0]
 
     def stats(self) -> dict[str, Any]:
-        code, body = self.get("/stats")
+        code, body = get(self.port, "/stats")
         assert code == 200, (self.name, code)
         return json.loads(body)
 
@@ -210,7 +211,8 @@ class Cluster:
                 for node in self.nodes]
 
     def wait_out_of_rotation(self, node: Node) -> None:
-        self.front.wait_until(lambda states: states.get(node.name) != "UP",
+        # "UP 1/2" (one failed check) is still in the rotation.
+        self.front.wait_until(lambda states: states.get(node.name, "").startswith("DOWN"),
                               f"{node.name} out of HAProxy's rotation")
 
     def restart(self, node: Node) -> None:
