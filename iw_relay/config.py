@@ -401,8 +401,6 @@ class RelayConfig:
             raise ValueError("recovery_window must not be negative")
         if min(self.recovery_max_messages, self.recovery_max_bytes) < 1:
             raise ValueError("recovery_max_messages and recovery_max_bytes must be >= 1")
-        if self.recovery_window > 0 and self.redis:
-            raise ValueError("recovery_window works on one node only for now: not with redis")
         if min(self.rate_limit, self.max_message_size, self.max_send_buffer,
                self.redis_queue_size) < 1:
             raise ValueError("rate_limit, max_message_size, max_send_buffer and "

@@ -629,6 +629,8 @@ class Recovery:
             24 * 3600.0 + window)
         self.sessions = Sessions(clock, window, gone)
         self.stats = RecoveryStats()
+        #: Members away now (a cluster counts its own).
+        self.away_count: Callable[[], int] = self.sessions.away_count
 
     @property
     def enabled(self) -> bool:
@@ -727,7 +729,7 @@ class Recovery:
         return {
             "recoveriesSucceeded": self.stats.succeeded,
             "recoveriesFailed": dict(sorted(self.stats.failed.items())),
-            "recoveryAwayMembers": self.sessions.away_count(),
+            "recoveryAwayMembers": self.away_count(),
             "recoveryHistoryMessages": usage.messages,
             "recoveryHistoryBytes": usage.bytes,
             "recoveryMemoryBytes": usage.memory_bytes,
@@ -758,4 +760,4 @@ class Recovery:
                                 value=usage.memory_bytes)
         yield GaugeMetricFamily("iwrelay_recovery_away_members",
                                 "Dropped members within their grace window",
-                                value=self.sessions.away_count())
+                                value=self.away_count())

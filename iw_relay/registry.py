@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -44,6 +44,9 @@ from iw_relay.backplane.local import LocalBackplane
 from iw_relay.config import RelayConfig
 from iw_relay.metrics import DurationHistogram
 from iw_relay.recovery import Recovery, RecoveryFailure
+
+if TYPE_CHECKING:
+    from iw_relay.cluster_recovery import ClusterRecovery
 
 #: Messages kept from a member whose join is not committed yet (relayed once it is).
 PENDING_MESSAGES = 1000
@@ -172,7 +175,16 @@ class RoomRegistry(Service):
             clock, config.recovery_window, config.recovery_max_messages,
             config.recovery_max_bytes, token_lifetime=config.room_expiry + config.recovery_window,
             gone=self._gone)
-        self._recording = self.recovery.enabled
+        self._recording = self.recovery.enabled and not self.backplane.shared
+        #: Recovery in a cluster (iw_relay.cluster_recovery): history and sessions in the
+        #: store, every relayed message sequenced there.
+        self._cluster: ClusterRecovery | None = None
+        if self.recovery.enabled and self.backplane.shared:
+            from iw_relay.backplane.shared import SharedBackplane
+            from iw_relay.cluster_recovery import ClusterRecovery
+
+            assert isinstance(self.backplane, SharedBackplane)
+            self._cluster = ClusterRecovery(self, self.backplane, self.recovery, config)
 
     # -- membership ------------------------------------------------------------------
 
@@ -210,6 +222,9 @@ class RoomRegistry(Service):
             # Members already here are told of remote members they did not know of.
             self._apply_snapshot(room, members,
                                  announce=len(room.members) > len(room.pending))
+        if self._cluster is not None:
+            self._cluster.open(member, room)  # `connected` once its session is open
+            return
         self._welcome(member, room)
 
     def join_refused(self, key: str, connection_id: str) -> None:
@@ -224,9 +239,10 @@ class RoomRegistry(Service):
                                                               messages.ROOM_FULL_MESSAGE)),
                           messages.CLOSE_POLICY_VIOLATION, messages.ROOM_FULL_MESSAGE)
 
-    def _welcome(self, member: Member, room: Room) -> None:
-        """`connected` for the joiner, `user-joined` for the others here, then what it
-        sent while it was joining."""
+    def _welcome(self, member: Member, room: Room,
+                 fields: dict[str, object] | None = None) -> None:
+        """`connected` for the joiner (with `fields`: recovery's, in a cluster),
+        `user-joined` for the others here, then what it sent while it was joining."""
         sent = room.pending.pop(member)
         count = room.count()
         self._log.info(
@@ -234,8 +250,8 @@ class RoomRegistry(Service):
             connection_id=member.connection_id, room=room_hash(room.room_id), count=count,
         )
         peers = self._peers(room, member)
-        fields = (self.recovery.joined(room.room_id, member.connection_id)
-                  if self._recording else None)
+        if self._recording:
+            fields = self.recovery.joined(room.room_id, member.connection_id)
         self._deliver_one(member, self.prepare(messages.connected(
             member.connection_id, room.room_id, count, peers, fields)))
         self._fan_out(room, self._record(room, messages.user_joined(member.connection_id, count),
@@ -258,12 +274,16 @@ class RoomRegistry(Service):
         """
         room = self._room_of.get(member)
         if room is None:
+            if self._cluster is not None:
+                self._cluster.abandon(member)  # it may be resuming
             return
         was_pending = member in room.pending
         code = close_code or 1006
         away = (self._recording and not was_pending and not room.expired
                 and self.recovery.dropped(room.room_id, member.connection_id, code,
                                           closed_by_server))
+        if self._cluster is not None and not was_pending and not room.expired:
+            away = self._cluster.dropped(room, member.connection_id, code, closed_by_server)
         if away:
             room.away.add(member.connection_id)
         self._forget(member, room, code)
@@ -335,6 +355,9 @@ class RoomRegistry(Service):
         names: `connected` with ``recovered: true``, then what it missed, in order; its
         peers hear nothing. False when that is impossible (counted by reason; a genuine
         token's member is ended first): the caller makes it a fresh join."""
+        if self._cluster is not None and token:
+            self._cluster.resume(member, room_id, token, since, epoch)  # settled later
+            return True
         if not self._recording or not token:
             return False
         outcome = self.recovery.resume(room_id, token, since, epoch)
@@ -344,39 +367,65 @@ class RoomRegistry(Service):
             self._log.info("a resume in room {room} failed ({reason}): joining afresh",
                            room=room_hash(room_id), reason=reason)
             return False
-        connection_id = outcome.connection_id
+        self._attach(member, room, outcome.connection_id, outcome.fields, outcome.frames)
+        return True
+
+    def _attach(self, member: Member, room: Room, connection_id: str,
+                fields: dict[str, object], frames: list[bytes]) -> None:
+        """A won resume: `member` is `connection_id` again; `connected` with `fields`,
+        then `frames` (what it missed); its peers hear nothing."""
         old = room.members.get(connection_id)
         if old is not None:
             # A takeover: the old connection has not been seen to die. It goes quietly.
-            del self._room_of[old]
-            del room.members[connection_id]
-            room.pending.pop(old, None)
-            self.stats.disconnectionsTotal += 1
-            self._close_quietly(old, messages.CLOSE_NORMAL, messages.RESUMED_REASON)
+            self._detach_quietly(room, old)
         room.away.discard(connection_id)
+        room.drop_remote(connection_id)  # (in a cluster: it was on another node)
         member.connection_id = connection_id
         room.members[connection_id] = member
         self._room_of[member] = room
         self.stats.connectionsTotal += 1
         self._log.info("{connection_id} resumed in room {room} ({count} missed messages)",
-                       connection_id=connection_id, room=room_hash(room_id),
-                       count=len(outcome.frames))
+                       connection_id=connection_id, room=room_hash(room.room_id),
+                       count=len(frames))
         self._deliver_one(member, self.prepare(messages.connected(
-            connection_id, room_id, room.count(), self._peers(room, member), outcome.fields)))
-        for frame in outcome.frames:
+            connection_id, room.room_id, room.count(), self._peers(room, member), fields)))
+        for frame in frames:
             self._deliver_one(member, self.prepare(frame))
-        return True
 
-    def _gone(self, room_id: str, connection_id: str) -> None:
+    def _detach_quietly(self, room: Room, member: Member) -> None:
+        """A connection replaced by its member's resume: closed, its peers told nothing."""
+        del self._room_of[member]
+        del room.members[member.connection_id]
+        room.pending.pop(member, None)
+        self.stats.disconnectionsTotal += 1
+        self._close_quietly(member, messages.CLOSE_NORMAL, messages.RESUMED_REASON)
+
+    def resumed_room(self, room_id: str, deadline: float | None,
+                     members: dict[str, str]) -> Room:
+        """The room a member resumes into here, in a cluster: made from the store's view
+        when this node has no member there."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = Room(room_id, deadline or self.clock.seconds() + self.config.room_expiry,
+                        key=room_key(room_id))
+            self.rooms[room_id] = room
+            self._by_key[room.key] = room
+        if not room.synced:
+            self._apply_snapshot(room, members, announce=False)
+        return room
+
+    def _gone(self, room_id: str, connection_id: str, tell_others: bool = True) -> None:
         """An away member's window passed (or a resume with its token failed): its peers
         get its ``user-left`` now. A connection still attached to it (one the relay has
-        not yet seen die, replaced by a failed resume) is closed quietly."""
+        not yet seen die, replaced by a failed resume) is closed quietly. `tell_others`
+        False: a dead node's member, whose end every node finds on its own."""
         room = self.rooms.get(room_id)
         if room is None:
             return
         with self._log.failuresHandled("ending {connection_id} failed",
                                        connection_id=connection_id):
             room.away.discard(connection_id)
+            room.drop_remote(connection_id)
             attached = room.members.get(connection_id)
             if attached is not None:
                 self._forget(attached, room, messages.CLOSE_NORMAL)
@@ -388,7 +437,8 @@ class RoomRegistry(Service):
             if not room.expired:
                 self._fan_out(room, self._record(room, messages.user_left(connection_id, count),
                                                  connection_id), None)
-                self.backplane.leave(room.key, connection_id)
+                if tell_others:
+                    self.backplane.leave(room.key, connection_id)
             self._delete_if_empty(room)
 
     def room_size(self, room_id: str) -> int:
@@ -405,11 +455,16 @@ class RoomRegistry(Service):
         here and, only while it has some there, on the other nodes."""
         room = self._room_of.get(sender)
         if room is None:
+            if self._cluster is not None:
+                self._cluster.hold(sender, None, payload)  # it may be resuming
             return
         if room.pending and sender in room.pending:
             self._hold(room, sender, None, payload)
             return
         self.stats.messagesRelayed += 1
+        if self._cluster is not None:  # every member, here too, gets it from the store
+            self._cluster.sequence(room, sender.connection_id, None, payload)
+            return
         started = perf_counter()
         if self._recording:
             payload = self.recovery.record(room.room_id, payload, sender.connection_id)
@@ -424,6 +479,8 @@ class RoomRegistry(Service):
         other member."""
         room = self._room_of.get(sender)
         if room is None:
+            if self._cluster is not None:
+                self._cluster.hold(sender, target, payload)  # it may be resuming
             return True  # left meanwhile: dropped silently, as broadcast() does
         member = room.members.get(target)
         node = room.remote.get(target) if member is None else None
@@ -435,6 +492,9 @@ class RoomRegistry(Service):
             self._hold(room, sender, target, payload)
             return True
         self.stats.messagesRelayed += 1
+        if self._cluster is not None:  # kept for its target only, sent to its node only
+            self._cluster.sequence(room, sender.connection_id, target, payload)
+            return True
         started = perf_counter()
         if self._recording:  # kept for its target only (an away one gets it on resume)
             payload = self.recovery.record(room.room_id, payload, sender.connection_id,
@@ -485,6 +545,20 @@ class RoomRegistry(Service):
         if room is not None and not room.expired:
             self._fan_out(room, payload, None)
 
+    def remote_sequenced(self, key: str, seq: int, sender: str, target: str,
+                         frame: bytes) -> None:
+        if self._cluster is not None:
+            self._cluster.heard(key, seq, sender, target, frame)
+        room = self._by_key.get(key)
+        if room is None or room.expired:
+            return
+        if not target:
+            self._fan_out(room, frame, room.members.get(sender))
+            return
+        member = room.members.get(target)
+        if member is not None and member not in room.pending:
+            self._deliver_one(member, self.prepare(frame))
+
     def remote_unicast(self, key: str, target: str, payload: bytes) -> None:
         room = self._by_key.get(key)
         if room is None:
@@ -497,6 +571,8 @@ class RoomRegistry(Service):
         room = self._by_key.get(key)
         if room is None or room.expired:
             return
+        if self._cluster is not None and self._cluster.moved(room, connection_id, node):
+            return  # a resume moved a member it knows
         if not room.synced:
             room.early.append((True, connection_id, node))
         elif room.add_remote(connection_id, node):
@@ -518,6 +594,9 @@ class RoomRegistry(Service):
             self._expire_here(room)
 
     def node_died(self, node: str) -> None:
+        if self._cluster is not None:
+            self._cluster.node_died(node)  # its members are away, not gone
+            return
         for room in list(self._by_key.values()):
             for connection_id in [c for c, n in room.remote.items() if n == node]:
                 room.drop_remote(connection_id)
@@ -641,6 +720,7 @@ class RoomRegistry(Service):
         # No grace timer outlives the service.
         shut = self.shut_down()
         shut.addBoth(lambda _: self.recovery.sessions.stop())
+        shut.addBoth(lambda _: self._cluster.stop() if self._cluster is not None else None)
         shut.addBoth(lambda _: maybeDeferred(self.backplane.stop))
         shut.addBoth(lambda _: stopped.callback(None))
         return stopped

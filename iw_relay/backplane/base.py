@@ -21,6 +21,10 @@ Envelope (one PUBLISH to a node's inbox)::
       c  connection(16) len ":" snapshot  your member's join is committed
                                           snapshot := deadline ("," connection node)*
       f  connection(16)                   your member's join is refused: the room is full
+      s  sender(16) target(16) seq "," len ":" frame
+                                          a frame stamped with its room seq (recovery in a
+                                          cluster: written by the sequencing script only);
+                                          target is 16 "-" for every member but the sender
 
 The Lua scripts of the Redis backplane write ``j``, ``l``, ``x``, ``c`` and ``f`` entries
 themselves, so this layout is also what they build.
@@ -52,7 +56,10 @@ _MAX_LENGTH_DIGITS = 9
 MAX_KNOWN_KEYS = 100_000
 
 #: Entry kinds.
-MESSAGE, UNICAST, JOINED, LEFT, EXPIRED, COMMITTED, REFUSED = b"mujlxcf"
+MESSAGE, UNICAST, JOINED, LEFT, EXPIRED, COMMITTED, REFUSED, SEQUENCED = b"mujlxcfs"
+#: The target of a sequenced frame meant for every member but its sender.
+NO_TARGET = b"-" * ID_LENGTH
+_SEQ = re.compile(rb"[0-9]{1,16}\Z")
 
 
 class BackplaneEvents(Protocol):
@@ -75,6 +82,11 @@ class BackplaneEvents(Protocol):
     def remote_unicast(self, key: str, target: str, payload: bytes) -> None: ...
 
     def remote_expired(self, key: str) -> None: ...
+
+    def remote_sequenced(self, key: str, seq: int, sender: str, target: str,
+                         frame: bytes) -> None:
+        """A frame Redis stamped with its room seq (recovery in a cluster): for every
+        member here but `sender`, or only for `target` when it is not ""."""
 
     def node_died(self, node: str) -> None:
         """Another node stopped beating: its members are gone."""
@@ -140,6 +152,8 @@ class Entry(NamedTuple):
     payload: bytes = b""
     deadline: float | None = None
     members: dict[str, str] | None = None
+    target: str = ""
+    seq: int = 0
 
 
 def encode_header(node: str) -> bytes:
@@ -156,6 +170,13 @@ def encode_unicast(key: bytes, target: str, payload: bytes) -> bytes:
 
 def encode_presence(kind: bytes, key: str, connection_id: str = "") -> bytes:
     return kind + key.encode() + connection_id.encode()
+
+
+def encode_sequenced(key: str, seq: int, sender: str, target: str | None,
+                     frame: bytes) -> bytes:
+    """What the sequencing script writes (the memory bus writes it with this)."""
+    return (b"s" + key.encode() + sender.encode() + (target.encode() if target else NO_TARGET)
+            + b"%d,%d:" % (seq, len(frame)) + frame)
 
 
 def encode_committed(key: str, connection_id: str, deadline: float,
@@ -229,6 +250,10 @@ class Codec:
                     self.dropped["payload"] += 1
                     yield None
                 continue
+            if kind == SEQUENCED:
+                entry, at = self._sequenced(data, at, text_key)
+                yield entry
+                continue
             if kind in (JOINED, LEFT, REFUSED, UNICAST, COMMITTED):
                 connection = data[at:at + ID_LENGTH]
                 if not _ID.match(connection):
@@ -263,6 +288,22 @@ class Codec:
         if size > self.max_payload or start + size > len(data):
             raise EnvelopeError("length")
         return data[start:start + size], start + size
+
+    def _sequenced(self, data: bytes, at: int, key: str) -> tuple[Entry | None, int]:
+        sender, target = data[at:at + ID_LENGTH], data[at + ID_LENGTH:at + 2 * ID_LENGTH]
+        if not _ID.match(sender) or not (target == NO_TARGET or _ID.match(target)):
+            raise EnvelopeError("id")
+        at += 2 * ID_LENGTH
+        comma = data.find(b",", at, at + 17)
+        if comma < 0 or not _SEQ.match(data[at:comma]):
+            raise EnvelopeError("seq")
+        seq = int(data[at:comma])
+        frame, at = self._sized(data, comma + 1)
+        if not valid_payload(frame):
+            self.dropped["payload"] += 1
+            return None, at
+        return Entry(SEQUENCED, key, sender.decode(), frame,
+                     target="" if target == NO_TARGET else target.decode(), seq=seq), at
 
     def _committed(self, key: str, connection_id: str, snapshot: bytes) -> Entry | None:
         deadline, *pairs = snapshot.split(b",")

@@ -28,7 +28,8 @@ def _script(name: str) -> str:
     return files("iw_relay.backplane").joinpath("lua", f"{name}.lua").read_text()
 
 
-HEAD, APPEND, SINCE = (_script(f"history_{name}") for name in ("head", "append", "since"))
+HEAD, SINCE = (_script(f"history_{name}") for name in ("head", "since"))
+APPEND = _script("sequence")
 
 #: run(script, keys, args) -> Deferred of the script's answer (txredisapi's ``eval``).
 Run = Callable[[str, list[str], list[Any]], Deferred]
@@ -70,13 +71,15 @@ class RedisHistory:
     def append(self, room_id: str, payload: bytes, sender: str | None,
                target: str | None) -> Deferred[Entry]:
         now = self._now_ms()
-        args = [payload, sender or "", target or "", now, self.window_ms, self.max_messages,
-                self.max_bytes, new_epoch(), self.head_ttl_ms]
+        # The cluster's sequencing script with one frame and no node to publish to.
+        args = ["", "", "", now, self.window_ms, self.max_messages, self.max_bytes,
+                new_epoch(), self.head_ttl_ms, sender or "", target or "", payload]
 
         def kept(reply: list[Any]) -> Entry:
             return Entry(int(reply[0]), _bytes(reply[1]), sender, target, now / 1000)
 
-        return self._run(APPEND, history_keys(room_id), args).addCallback(kept)
+        keys = [*history_keys(room_id), "iwrelay:m:" + room_key(room_id)]
+        return self._run(APPEND, keys, args).addCallback(kept)
 
     def since(self, room_id: str, seq: int, epoch: str,
               connection_id: str) -> Deferred[list[bytes] | RecoveryFailure]:
@@ -86,7 +89,7 @@ class RedisHistory:
             if _text(reply[0]) != "ok":
                 return RecoveryFailure(_text(reply[0]))
             frames = []
-            for at in range(1, len(reply), 3):
+            for at in range(2, len(reply), 3):
                 sender, target = _text(reply[at + 1]), _text(reply[at + 2])
                 if sender != connection_id and target in ("", connection_id):
                     frames.append(_bytes(reply[at]))

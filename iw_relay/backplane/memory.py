@@ -14,9 +14,33 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
-from iw_relay.backplane.base import encode_committed, encode_header, encode_presence
-from iw_relay.backplane.shared import SharedBackplane, StoreLink, StoreUnreachableError
+from iw_relay.backplane.base import (
+    encode_committed,
+    encode_header,
+    encode_presence,
+    encode_sequenced,
+)
+from iw_relay.backplane.shared import (
+    Claimed,
+    HistoryLimits,
+    Replay,
+    SharedBackplane,
+    StoreLink,
+    StoreUnreachableError,
+)
 from iw_relay.config import RelayConfig
+from iw_relay.recovery import RecoveryFailure, RoomHistory
+
+
+class _Session:
+    """A member's session as the Redis hash keeps it; `expires` plays the key's TTL."""
+
+    def __init__(self, joined_seq: int, node: str, expires: float) -> None:
+        self.generation = 0
+        self.joined_seq = joined_seq
+        self.away = False
+        self.node = node
+        self.expires = expires
 
 
 class MemoryBus:
@@ -32,6 +56,11 @@ class MemoryBus:
         self.stores: dict[str, MemoryStore] = {}
         #: (destination node, envelope) of every publish, for tests to count and read.
         self.published: list[tuple[str, bytes]] = []
+        #: Connection recovery: room histories, sessions ((room key, connection) ->),
+        #: the resume-token key.
+        self.histories: dict[str, RoomHistory] = {}
+        self.sessions: dict[tuple[str, str], _Session] = {}
+        self.resume_key: bytes | None = None
 
     def settle(self) -> None:
         """Run every reply and delivery due now (and those they cause)."""
@@ -44,6 +73,8 @@ class MemoryBus:
         self.node_rooms.clear()
         self.beats.clear()
         self.nodes.clear()
+        self.histories.clear()
+        self.sessions.clear()
 
     def cut(self, node: str) -> None:
         self.stores[node]._go_down()
@@ -68,6 +99,20 @@ class MemoryBus:
             self.deadlines.pop(key, None)
             return None
         return found[0]
+
+    def _history(self, key: str, limits: HistoryLimits) -> RoomHistory:
+        history = self.histories.get(key)
+        if history is None:
+            history = self.histories[key] = RoomHistory(
+                limits.window_ms / 1000, limits.max_messages, limits.max_bytes)
+        return history
+
+    def _session(self, key: str, connection_id: str) -> _Session | None:
+        session = self.sessions.get((key, connection_id))
+        if session is not None and session.expires <= self.clock.seconds():
+            del self.sessions[(key, connection_id)]
+            return None
+        return session
 
     def _room_nodes(self, key: str, but: str) -> list[str]:
         return sorted({n for n in self.members.get(key, {}).values() if n != but})
@@ -261,6 +306,100 @@ class MemoryStore:
         self._check()
         self.bus.beats.pop(node, None)
         return self._reply(1)
+
+
+    # -- connection recovery: what session_*.lua, sequence.lua, history_since.lua do -----
+
+    def sequence(self, node: str, key: str, batch: list[Any],
+                 limits: HistoryLimits) -> Deferred[Any]:
+        self._check()
+        bus = self.bus
+        history = bus._history(key, limits)
+        members = bus.members.get(key, {})
+        envelopes: dict[str, list[bytes]] = {n: [] for n in dict.fromkeys(members.values())}
+        now = bus.clock.seconds()
+        for at in range(0, len(batch), 3):
+            sender, target, payload = batch[at:at + 3]
+            entry = history.append(payload, sender, target or None, now)
+            encoded = encode_sequenced(key, entry.seq, sender, target, entry.frame)
+            for other in envelopes if not target else [members.get(target)]:
+                if other in envelopes:
+                    envelopes[other].append(encoded)
+        for other, entries in envelopes.items():
+            if entries:
+                bus._send(other, encode_header(node) + b"".join(entries))
+        return self._reply(history.last_seq)
+
+    def open_session(self, node: str, key: str, connection_id: str,
+                     limits: HistoryLimits) -> Deferred[tuple[str, int]]:
+        self._check()
+        bus = self.bus
+        history = bus._history(key, limits)
+        bus.sessions[(key, connection_id)] = _Session(
+            history.last_seq, node, bus.clock.seconds() + limits.head_ttl_ms / 1000)
+        return self._reply((history.epoch, history.last_seq))
+
+    def drop_session(self, node: str, key: str, connection_id: str, grace: bool,
+                     limits: HistoryLimits) -> Deferred[Any]:
+        self._check()
+        session = self.bus._session(key, connection_id)
+        if session is not None and session.node == node:
+            if grace:
+                session.away = True
+                session.expires = self.bus.clock.seconds() + limits.window_ms / 1000
+            else:
+                del self.bus.sessions[(key, connection_id)]
+        return self._reply(None)
+
+    def claim_session(self, node: str, key: str, connection_id: str, generation: int,
+                      limits: HistoryLimits) -> Deferred[Claimed | str]:
+        self._check()
+        bus = self.bus
+        session = bus._session(key, connection_id)
+        if session is None:
+            return self._reply(RecoveryFailure.SESSION_ENDED.value)
+        if session.generation != generation:
+            return self._reply(RecoveryFailure.TOKEN_REUSED.value)
+        session.generation += 1
+        session.away, session.node = False, node
+        session.expires = bus.clock.seconds() + limits.head_ttl_ms / 1000
+        members = bus.members.setdefault(key, {})
+        before = {c: n for c, n in members.items() if c != connection_id}
+        told = bus._room_nodes(key, node)
+        members[connection_id] = node
+        bus.node_rooms.setdefault(node, set()).add(key)
+        for other in told:
+            bus._send(other, encode_header(node) + encode_presence(b"j", key, connection_id))
+        return self._reply(Claimed(session.generation, session.joined_seq,
+                                   bus._deadline(key), before))
+
+    def close_session(self, node: str, key: str, connection_id: str,
+                      dead: bool) -> Deferred[bool]:
+        self._check()
+        session = self.bus._session(key, connection_id)
+        if session is None:
+            return self._reply(True)
+        if session.node != node or not (session.away or dead):
+            return self._reply(False)
+        del self.bus.sessions[(key, connection_id)]
+        return self._reply(True)
+
+    def history_since(self, key: str, seq: int, epoch: str, connection_id: str,
+                      limits: HistoryLimits) -> Deferred[Replay | str]:
+        self._check()
+        history = self.bus.histories.get(key)
+        if history is None:
+            return self._reply(RecoveryFailure.EPOCH_CHANGED.value)
+        frames = history.since(seq, epoch, connection_id, self.bus.clock.seconds())
+        if isinstance(frames, RecoveryFailure):
+            return self._reply(frames.value)
+        return self._reply(Replay(history.last_seq, frames))
+
+    def resume_key(self, candidate: bytes) -> Deferred[bytes]:
+        self._check()
+        if self.bus.resume_key is None:
+            self.bus.resume_key = candidate
+        return self._reply(self.bus.resume_key)
 
 
 def memory_backplane(bus: MemoryBus, config: RelayConfig, node_id: str) -> SharedBackplane:

@@ -15,6 +15,16 @@ Key layout (every key expires on its own; no room id, no message body is stored)
 - ``iwrelay:nodes:all`` set of node ids, so that exactly one survivor reaps a dead node;
 - channel ``iwrelay:i:{node}``: the node's inbox.
 
+With ``--recovery-window`` (see iw_relay.cluster_recovery), also:
+
+- ``iwrelay:h:{h}`` the room's history (a stream of stamped frames, with sender and
+  target), ``...:seq``, ``...:epoch``, ``...:bytes``; the stream lives for the window,
+  the seq and epoch for a room's lifetime plus the window;
+- ``iwrelay:s:{h}:{connection}`` hash: a member's session (generation, joined seq,
+  state, node); its TTL is the window while the member is away;
+- ``iwrelay:resume-key``: the HMAC key of resume tokens, shared by every node (no TTL:
+  a node keeps it for its lifetime; see docs/security.rst).
+
 ``h`` is `iw_relay.registry.room_key` (SHA-256 of the room id, 128 bits). The reaper walks
 a dead node's rooms, keys it is not handed, so Redis Cluster is not supported.
 """
@@ -22,6 +32,7 @@ a dead node's rooms, keys it is not handed, so Redis Cluster is not supported.
 from __future__ import annotations
 
 import secrets
+import time
 from importlib.resources import files
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -36,11 +47,15 @@ from twisted.logger import Logger
 
 from iw_relay.backplane.shared import (
     HEARTBEATS_TO_DEATH,
+    Claimed,
+    HistoryLimits,
+    Replay,
     SharedBackplane,
     StoreLink,
     StoreUnreachableError,
 )
 from iw_relay.config import RelayConfig
+from iw_relay.recovery import new_epoch
 
 PREFIX = "iwrelay:"
 INBOX = PREFIX + "i:"
@@ -51,7 +66,11 @@ def _script(name: str) -> str:
 
 
 SCRIPTS = {name: _script(name)
-           for name in ("join", "leave", "expire", "sync", "heartbeat", "reap")}
+           for name in ("join", "leave", "expire", "sync", "heartbeat", "reap", "sequence",
+                        "session_open", "session_drop", "session_claim", "session_close",
+                        "history_since")}
+#: The cluster's resume-token key: made once by whichever node asks first.
+RESUME_KEY = PREFIX + "resume-key"
 
 
 def _key(kind: str, name: str) -> str:
@@ -272,6 +291,85 @@ class RedisStore:
     def forget(self, node: str) -> Deferred[Any]:
         commands = self._commands()
         return self._sent(commands, commands.delete(_key("n", node)))
+
+
+    # -- connection recovery (iw_relay.cluster_recovery) ---------------------------------
+
+    def sequence(self, node: str, key: str, batch: list[Any],
+                 limits: HistoryLimits) -> Deferred[Any]:
+        return self._run("sequence", [*_history_keys(key), _key("m", key)],
+                         [node, INBOX, key, _now_ms(), limits.window_ms,
+                          limits.max_messages, limits.max_bytes, new_epoch(),
+                          limits.head_ttl_ms, *batch])
+
+    def open_session(self, node: str, key: str, connection_id: str,
+                     limits: HistoryLimits) -> Deferred[tuple[str, int]]:
+        return self._run("session_open", [*_history_keys(key), _session(key, connection_id)],
+                         [new_epoch(), limits.head_ttl_ms, node]).addCallback(
+            lambda reply: (reply[0].decode(), int(reply[1])))
+
+    def drop_session(self, node: str, key: str, connection_id: str, grace: bool,
+                     limits: HistoryLimits) -> Deferred[Any]:
+        return self._run("session_drop", [_session(key, connection_id)],
+                         [node, int(grace), limits.window_ms])
+
+    def claim_session(self, node: str, key: str, connection_id: str, generation: int,
+                      limits: HistoryLimits) -> Deferred[Claimed | str]:
+        def claimed(reply: list[bytes]) -> Claimed | str:
+            if reply[0] != b"ok":
+                return reply[0].decode()
+            flat = reply[4:]
+            return Claimed(int(reply[1]), int(reply[2]),
+                           float(reply[3]) if reply[3] else None,
+                           {c.decode(): n.decode() for c, n in zip(flat[::2], flat[1::2],
+                                                                   strict=True)})
+
+        return self._run("session_claim",
+                         [_session(key, connection_id), _key("m", key), _key("nr", node),
+                          _key("r", key)],
+                         [generation, node, key, INBOX, connection_id, limits.head_ttl_ms,
+                          limits.head_ttl_ms]).addCallback(claimed)
+
+    def close_session(self, node: str, key: str, connection_id: str,
+                      dead: bool) -> Deferred[bool]:
+        return self._run("session_close", [_session(key, connection_id)],
+                         [node, int(dead)]).addCallback(bool)
+
+    def history_since(self, key: str, seq: int, epoch: str, connection_id: str,
+                      limits: HistoryLimits) -> Deferred[Replay | str]:
+        cid = connection_id.encode()
+
+        def replay(reply: list[bytes]) -> Replay | str:
+            if reply[0] != b"ok":
+                return reply[0].decode()
+            flat = reply[2:]
+            return Replay(int(reply[1]), [
+                frame for frame, sender, target in zip(flat[::3], flat[1::3], flat[2::3],
+                                                       strict=True)
+                if sender != cid and target in (b"", cid)])
+
+        return self._run("history_since", _history_keys(key)[:3],
+                         [seq, epoch, _now_ms(), limits.window_ms]).addCallback(replay)
+
+    def resume_key(self, candidate: bytes) -> Deferred[bytes]:
+        commands = self._commands()
+        done = commands.set(RESUME_KEY, candidate, only_if_not_exists=True)
+        return self._sent(commands, done).addCallback(
+            lambda _: self._sent(commands, commands.get(RESUME_KEY)))
+
+
+def _history_keys(key: str) -> list[str]:
+    """stream, seq, epoch, bytes of a room's history."""
+    base = _key("h", key)
+    return [base, f"{base}:seq", f"{base}:epoch", f"{base}:bytes"]
+
+
+def _session(key: str, connection_id: str) -> str:
+    return _key("s", f"{key}:{connection_id}")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def redis_backplane(config: RelayConfig, clock: IReactorTime, reactor: Any,

@@ -14,6 +14,12 @@ outgoing messages, heartbeats and the dead-node check, and the repair after an o
   node knows, leaves are remembered, messages for other nodes are counted as dropped.
   Once the store is back the node writes its members back (one script per room),
   learns the others, then says it lives (heartbeat).
+- Recovery (``--recovery-window`` in a cluster): relayed messages are not delivered here
+  at once but queued per room (`sequence`) and sent at the end of the turn as one
+  script per room, which stamps each with the room's next seq, keeps it in the room's
+  history and publishes it to every node with members there, this one included; each
+  node delivers its members' frames from its inbox, in the order Redis published them.
+  While the store is unreachable they are delivered here unstamped.
 - Dead nodes: a node whose heartbeat key has expired is dead; every node tells its
   members, one of them removes the dead node's members from the store. A node judges
   others only after being connected itself for three heartbeats.
@@ -38,6 +44,7 @@ from iw_relay.backplane.base import (
     LEFT,
     MESSAGE,
     REFUSED,
+    SEQUENCED,
     UNICAST,
     BackplaneEvents,
     Codec,
@@ -95,6 +102,67 @@ class Store(Protocol):
 
     def publish(self, node: str, envelope: bytes) -> Deferred[Any]: ...
 
+    # Connection recovery (iw_relay.cluster_recovery); `key` is the room's hash.
+
+    def sequence(self, node: str, key: str, batch: list[Any],
+                 limits: HistoryLimits) -> Deferred[Any]:
+        """Stamp, keep and publish (sender, target or "", payload, ...) in one step."""
+        ...
+
+    def open_session(self, node: str, key: str, connection_id: str,
+                     limits: HistoryLimits) -> Deferred[tuple[str, int]]:
+        """A fresh member's session; answers the room's (epoch, last seq)."""
+        ...
+
+    def drop_session(self, node: str, key: str, connection_id: str, grace: bool,
+                     limits: HistoryLimits) -> Deferred[Any]: ...
+
+    def claim_session(self, node: str, key: str, connection_id: str, generation: int,
+                      limits: HistoryLimits) -> Deferred[Claimed | str]:
+        """A resume's claim: `Claimed`, or the `RecoveryFailure` value of why not."""
+        ...
+
+    def close_session(self, node: str, key: str, connection_id: str,
+                      dead: bool) -> Deferred[bool]:
+        """An away member's window passed: True when it is gone (not resumed)."""
+        ...
+
+    def history_since(self, key: str, seq: int, epoch: str, connection_id: str,
+                      limits: HistoryLimits) -> Deferred[Replay | str]:
+        """What `connection_id` is owed after `seq`, or the `RecoveryFailure` value of
+        why it cannot all be given."""
+        ...
+
+    def resume_key(self, candidate: bytes) -> Deferred[bytes]:
+        """The cluster's resume-token key: `candidate` if no node made one before."""
+        ...
+
+
+@dataclass(frozen=True)
+class HistoryLimits:
+    """Connection recovery's bounds, as the store takes them."""
+
+    window_ms: int
+    max_messages: int
+    max_bytes: int
+    #: How long a room's seq, epoch and a present member's session live (a room's
+    #: lifetime plus the window).
+    head_ttl_ms: int
+
+
+@dataclass(frozen=True)
+class Claimed:
+    generation: int
+    joined_seq: int
+    deadline: float | None
+    members: dict[str, str]  # the room's other members: connection id -> node
+
+
+@dataclass(frozen=True)
+class Replay:
+    last_seq: int  # the room's last seq when asked: live frames up to it are replayed
+    frames: list[bytes]  # in seq order
+
 
 class StoreUnreachableError(ConnectionError):
     pass
@@ -135,6 +203,10 @@ class SharedBackplane:
         self._header = encode_header(node_id)
         self._outbox: dict[str, list[bytes]] = {}
         self._outbox_messages = 0
+        #: Recovery in a cluster: room key -> (sender, target or "", payload, ...) to
+        #: sequence at the end of the turn; `history` is set by whoever sequences.
+        self._sequenced: dict[str, list[Any]] = {}
+        self.history: HistoryLimits | None = None
         self._flush_call: Any = None
         self._joining: set[tuple[str, str]] = set()
         #: Members that left while the store was unreachable: room key -> connection ids.
@@ -377,12 +449,42 @@ class SharedBackplane:
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
 
+    def sequence(self, key: str, sender: str, target: str | None, payload: bytes) -> None:
+        """A relayed message to stamp with its room's seq (recovery in a cluster): every
+        member gets it back through its node's inbox, this node's included."""
+        queued = self._sequenced.get(key)
+        if queued is None:
+            self._sequenced[key] = [sender, target or "", payload]
+        else:
+            queued += (sender, target or "", payload)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush_sequenced(self) -> None:
+        """One sequencing script per room; unstamped, here only, when the store cannot
+        take them (their recipients elsewhere miss them, counted)."""
+        batches, self._sequenced = self._sequenced, {}
+        if self.state == "connected" and not self.full and self.history is not None:
+            try:
+                for key, batch in batches.items():
+                    self.store.sequence(self.node_id, key, batch, self.history).addErrback(
+                        lambda failure: None)  # the connection's loss is handled there
+                return
+            except ConnectionError:
+                pass
+        self._not_sent(sum(len(batch) for batch in batches.values()) // 3)
+        for key, batch in batches.items():
+            for at in range(0, len(batch), 3):
+                self._events.remote_sequenced(key, 0, *batch[at:at + 3])
+
     def _flush(self) -> None:
         """One envelope per destination node for everything queued this turn."""
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
+        if self._sequenced:
+            self._flush_sequenced()
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}
@@ -425,6 +527,11 @@ class SharedBackplane:
                 if kind == MESSAGE:
                     self.stats.messagesFromOtherNodes += 1
                     events.remote_message(entry.key, entry.payload)
+                elif kind == SEQUENCED:
+                    if sender != self.node_id:
+                        self.stats.messagesFromOtherNodes += 1
+                    events.remote_sequenced(entry.key, entry.seq, entry.connection_id,
+                                            entry.target, entry.payload)
                 elif kind == UNICAST:
                     self.stats.messagesFromOtherNodes += 1
                     events.remote_unicast(entry.key, entry.connection_id, entry.payload)
