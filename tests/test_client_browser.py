@@ -474,6 +474,48 @@ def test_a_cut_page_using_iwrelaysocket_gets_all_200_in_order_once(recovering_wo
     assert cut_page.errors == [] and peer_page.errors == []
 
 
+# Test-only: the browser's socket as it is between the relay's close frame (a node
+# stopping in a rolling restart) and the close event, once `__closing` is set: CLOSING,
+# and what is sent is discarded.
+CLOSING_SCRIPT = """
+(() => {
+  const Native = window.WebSocket;
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.lastNativeSocket = this; }
+    get readyState() { return this.__closing ? Native.CLOSING : super.readyState; }
+    send(data) { if (!this.__closing) super.send(data); }
+  };
+})();
+"""
+
+
+def test_what_is_sent_while_the_relay_closes_the_connection_is_sent_after_the_resume(
+        recovering_world):
+    browser, pages, relay, proxy = recovering_world
+    room = "closing-room"
+    context = browser.new_context()
+    context.add_init_script(CLOSING_SCRIPT)
+    page = context.new_page()
+    page.goto(pages.url)
+    page.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{proxy.port}/room/{room}"])
+    page.wait_for_function("window.messages.length === 1")
+    peer = open_page(browser, pages)
+    peer.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{relay.port}/room/{room}"])
+    peer.wait_for_function("window.messages.length === 1")
+    page.evaluate("""() => {
+      window.lastNativeSocket.__closing = true;
+      window.socket.send(JSON.stringify({ type: "op", n: "while-closing" }));
+    }""")
+    proxy.cut()  # and then the connection ends
+    page.wait_for_function("window.socket._phase === 'live' && "
+                           "window.lastNativeSocket.url.includes('resume=')")
+    page.evaluate("window.sendOps('after', 1, 0)")
+    peer.wait_for_function("window.ops('after').length === 1")
+    assert peer.evaluate("window.ops('')") == ["while-closing", "after0"]
+    assert page.evaluate("window.events") == ["open"]
+    assert relay.stats()["recoveriesSucceeded"] == 1
+
+
 def test_the_same_cut_with_a_plain_websocket_loses_messages(recovering_world):
     cut_page, peer_page, _, _ = run_cut_scenario(recovering_world, "WebSocket")
     cut_page.wait_for_function("window.events.filter((e) => e === 'open').length === 2",

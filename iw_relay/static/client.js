@@ -120,7 +120,7 @@
         throw new DOMException("Failed to execute 'send' on 'WebSocket': Still in CONNECTING state.", "InvalidStateError");
       }
       if (this._state !== OPEN) return; // as WebSocket: discarded once closing
-      if (this._phase === "live" && this._queue.length === 0) {
+      if (this._phase === "live" && this._queue.length === 0 && !this._goingDown()) {
         this._sendNow(data);
         return;
       }
@@ -347,6 +347,12 @@
 
     // -- sending, paced ------------------------------------------------------------
 
+    // The relay closed this connection (its close frame is in: the socket is CLOSING),
+    // and it will be resumed: what is sent now would be discarded, so it waits.
+    _goingDown() {
+      return this._session !== null && (this._ws === null || this._ws.readyState !== OPEN);
+    }
+
     _sendNow(data) {
       this._ws.send(data);
       this._sentAt.push(performance.now());
@@ -356,7 +362,7 @@
     // Sends the queue, at most rateShare of the relay's limit per window (the relay
     // drops the excess): a flush after a resume never trips it.
     _pump() {
-      if (this._pumpTimer !== null || this._phase !== "live") return;
+      if (this._pumpTimer !== null || this._phase !== "live" || this._goingDown()) return;
       const o = this._options;
       const budget = Math.max(1, Math.floor(o.rateLimit * o.rateShare));
       while (this._queue.length) {
