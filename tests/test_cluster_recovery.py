@@ -96,14 +96,30 @@ def node_with_connections(cluster: Cluster, count: int) -> Node:
     return cluster.nodes[poll(found, f"{count} connections on one node").index(count)]
 
 
+def wait_for(page, condition: str, sent: int = 0) -> None:
+    """Wait (up to RESUME_MS) for a JavaScript condition; on timeout, say what the page
+    has."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(condition, timeout=RESUME_MS)
+    except PlaywrightTimeout:
+        raise AssertionError(f"no {condition} in {RESUME_MS} ms: " + str(page.evaluate(
+            "[window.events, window.recoveries, window.sent, window.ops().length, "
+            "window.ops().slice(-3), window.kinds().filter((k) => k !== 'op'), "
+            "window.socket._phase, window.socket.bufferedAmount]"))
+            + f" missing: {sorted(set(range(sent)) - set(page.evaluate('window.ops()')))}"
+            ) from None
+
+
 def received_progress(page, more: int) -> None:
     """Wait until `page` has `more` ops beyond what it has now: traffic flows."""
     have = page.evaluate("window.ops().length")
-    page.wait_for_function(f"window.ops().length >= {have + more}", timeout=RESUME_MS)
+    wait_for(page, f"window.ops().length >= {have + more}")
 
 
 def assert_all_once_in_order(page, sent: int) -> None:
-    page.wait_for_function(f"window.ops().length >= {sent}", timeout=RESUME_MS)
+    wait_for(page, f"window.ops().length >= {sent}", sent)
     assert page.evaluate("window.ops()") == list(range(sent))
 
 
@@ -119,7 +135,7 @@ def test_a_page_whose_node_is_killed_resumes_on_another_with_nothing_missing(
     received_progress(receiver, 20)
 
     home.kill()
-    receiver.wait_for_function("window.recoveries.length === 1", timeout=RESUME_MS)
+    wait_for(receiver, "window.recoveries.length === 1")
     received_progress(receiver, 20)  # live again, on a survivor
     sent = sender.evaluate("window.stopSending()")
 
