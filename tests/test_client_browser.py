@@ -9,6 +9,7 @@ client.js through the relay's own resource. Loopback only; every wait is bounded
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -514,6 +515,38 @@ def test_what_is_sent_while_the_relay_closes_the_connection_is_sent_after_the_re
     assert peer.evaluate("window.ops('')") == ["while-closing", "after0"]
     assert page.evaluate("window.events") == ["open"]
     assert relay.stats()["recoveriesSucceeded"] == 1
+
+
+def test_on_server_shutdown_it_leaves_at_once_so_that_the_relay_drains_quickly(tmp_path):
+    """A stopping relay says server-shutdown and waits (--drain-timeout) for its members
+    to leave; what they sent until then is relayed. IWRelaySocket leaves at once (and
+    resumes elsewhere): the relay stops long before its drain timeout, and what the
+    application sends meanwhile waits for the resume."""
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+
+    relay = Relay(tmp_path, "--recovery-window", "30s", "--drain-timeout", "20s")
+    pages = PageServer()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=browser_path,
+                                                 args=CHROMIUM_ARGS, timeout=30_000)
+            try:
+                page = open_page(browser, pages)
+                page.evaluate(APP, ["IWRelaySocket",
+                                    f"ws://127.0.0.1:{relay.port}/room/draining"])
+                page.wait_for_function("window.messages.length === 1")
+                relay.process.send_signal(signal.SIGTERM)
+                assert relay.process.wait(10) == 0  # not the 20 s drain: it left
+                page.wait_for_function("window.socket._phase === 'recovering'")
+                page.evaluate("window.sendOps('later', 1, 0)")
+                assert page.evaluate("window.socket.bufferedAmount") > 0
+                assert page.evaluate("window.events") == ["open"]
+            finally:
+                browser.close()
+    finally:
+        pages.stop()
+        relay.kill()
 
 
 def test_the_same_cut_with_a_plain_websocket_loses_messages(recovering_world):

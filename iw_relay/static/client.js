@@ -205,7 +205,8 @@
           if (message.seq <= this._lastSeq) return; // already delivered
           this._lastSeq = message.seq;
         } else if (message.type === "server-shutdown") {
-          return; // the relay is going away: this socket resumes on another node
+          this._leave(); // the relay is going away: this socket resumes on another node
+          return;
         }
       }
       if (this._phase !== "live") return;
@@ -299,6 +300,19 @@
           if (wasOpen) this._surfaceClose(1006, "", false);
         }
       }, delay);
+    }
+
+    // The relay is stopping. What was sent on this connection reaches it before this
+    // close (TCP keeps order) and is relayed while it drains (--drain-timeout); what the
+    // application sends from now on waits for the resume, on another node.
+    _leave() {
+      if (this._phase !== "live") return;
+      const ws = this._ws;
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      ws.close(4000, "resuming"); // not 1000/1001, which would end the session
+      this._ws = null;
+      this._phase = "recovering";
+      this._scheduleRetry();
     }
 
     // Tells the application the socket closed. `reopening`: this object opens again
