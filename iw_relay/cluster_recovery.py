@@ -255,7 +255,7 @@ class ClusterRecovery:
                                            self.limits)
         if isinstance(replay, str):
             # Claimed, but it cannot have what it missed: the member is gone everywhere.
-            await store.close_session(self.node, key, cid, True)
+            await store.close_session(self.node, key, cid)
             if room_id in self.registry.rooms:
                 self.registry._gone(room_id, cid)
             else:
@@ -269,9 +269,10 @@ class ClusterRecovery:
     # -- away members ------------------------------------------------------------------
 
     def dropped(self, room: Room, connection_id: str, close_code: int,
-                closed_by_server: bool) -> bool:
-        """True: the member is away (say nothing now); False: it is gone."""
-        grace = keeps_grace(close_code, closed_by_server)
+                closed_by_server: bool, final: bool = False) -> bool:
+        """True: the member is away (say nothing now); False: it is gone (and its
+        session ends: `final` when its room expired)."""
+        grace = not final and keeps_grace(close_code, closed_by_server)
         if self.usable:
             try:
                 self.backplane.store.drop_session(self.node, room.key, connection_id, grace,
@@ -279,7 +280,7 @@ class ClusterRecovery:
             except ConnectionError:
                 pass
         if grace:
-            self._arm(room, connection_id, self.node, dead=False)
+            self._arm(room, connection_id, self.node)
         return grace
 
     def node_died(self, node: str) -> None:
@@ -289,7 +290,7 @@ class ClusterRecovery:
                 room.drop_remote(connection_id)
                 if not room.expired:
                     room.away.add(connection_id)
-                    self._arm(room, connection_id, node, dead=True)
+                    self._arm(room, connection_id, node)
 
     def moved(self, room: Room, connection_id: str, node: str) -> bool:
         """A join entry for a member this node knows: a resume moved it to `node`. It
@@ -306,32 +307,34 @@ class ClusterRecovery:
         self.registry._delete_if_empty(room)
         return True
 
-    def _arm(self, room: Room, connection_id: str, node: str, dead: bool) -> None:
+    def _arm(self, room: Room, connection_id: str, node: str) -> None:
+        """`node`: the node it dropped from (this one, or a dead one)."""
         self._disarm(room.key, connection_id)
         self._timers[(room.key, connection_id)] = self.clock.callLater(
-            self.window, self._window_passed, room, connection_id, node, dead)
+            self.window, self._window_passed, room, connection_id, node)
 
     def _disarm(self, key: str, connection_id: str) -> None:
         timer = self._timers.pop((key, connection_id), None)
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _window_passed(self, room: Room, connection_id: str, node: str, dead: bool) -> None:
+    def _window_passed(self, room: Room, connection_id: str, node: str) -> None:
         self._timers.pop((room.key, connection_id), None)
-        Deferred.fromCoroutine(self._settle(room, connection_id, node, dead))
+        Deferred.fromCoroutine(self._settle(room, connection_id, node))
 
-    async def _settle(self, room: Room, connection_id: str, node: str, dead: bool) -> None:
+    async def _settle(self, room: Room, connection_id: str, node: str) -> None:
         """Unless a resume claimed it meanwhile, the member is gone: ``user-left``."""
         gone = True
         if self.usable:
             try:
                 gone = await self.backplane.store.close_session(node, room.key,
-                                                                connection_id, dead)
+                                                                connection_id)
             except Exception:
                 gone = True  # the store is unreachable: as on one node
         registry = self.registry
         if not gone or connection_id not in room.away or registry.rooms.get(
                 room.room_id) is not room:
             return  # resumed (its join entry moves it), or the room is gone
-        registry._gone(room.room_id, connection_id, tell_others=not dead)
+        # A dead node's member: every node that knew it finds its end on its own.
+        registry._gone(room.room_id, connection_id, tell_others=node == self.node)
 

@@ -13,7 +13,9 @@ No I/O and no reactor here: time comes from an injected clock (anything with
   an expiry.
 - `Sessions`: presence grace. A dropped member is *away* (its peers are told nothing)
   until it resumes or the window passes.
-- `Recovery`: the one object the registry and the protocol call.
+- `Recovery`: the one object the registry and the protocol call, on one node. In a
+  cluster, history and sessions live in Redis (iw_relay.cluster_recovery), and this
+  object only keeps the counters.
 
 Nothing here logs; a token, a room id or a frame must never reach a log line.
 """
@@ -198,22 +200,10 @@ class Head:
 
 
 class HistoryStore(Protocol):
-    """What the registry needs from history; in memory today, Redis Streams in a cluster.
-
-    Every method returns a Deferred so that one registry drives both. A Redis store:
-
-    - keys are ``iwrelay:h:{sha256(room id)}`` (a stream), ``...:seq`` and ``...:epoch``,
-      each with a TTL of the window, renewed on every append: a room id is never a key;
-    - `append` is one Lua script: ``INCR`` the seq, splice it into the frame, ``XADD`` with
-      ``MAXLEN ~ max_messages`` and the seq as the entry id, ``PUBLISH`` the same frame
-      (or hand it to the node inboxes), ``PEXPIRE``. The seq is therefore assigned
-      atomically with the append and the publish, and is the same on every node. Bytes
-      are bounded with ``XTRIM MINID`` from a running byte count kept in a hash;
-    - `head` creates the epoch with ``SET NX`` (a random value) so every node agrees, and
-      a lost Redis key (flush, failover without persistence) yields a new epoch;
-    - `since` is one ``XRANGE (seq +``, filtered by sender and target as `RoomHistory`
-      does; the caller subscribes to live traffic first and drops seqs it replayed;
-    - `drop` deletes the keys (the room was deleted: a later join gets a new epoch).
+    """A room history behind Deferreds: `MemoryHistory` here, and
+    ``iw_relay.backplane.history.RedisHistory`` over the cluster's Redis scripts (the
+    relay itself, in a cluster, drives those scripts through its backplane: see
+    iw_relay.cluster_recovery, where appending is sequencing and publishing at once).
     """
 
     def head(self, room_id: str) -> Deferred[Head]: ...
@@ -403,34 +393,9 @@ class Claim:
     takeover: bool
 
 
-class SessionStore(Protocol):
-    """Presence grace as a cluster keeps it (`Sessions` is the one-node version).
-
-    A Redis store keeps each session as a hash ``iwrelay:s:{sha256(room id)}:{cid}``
-    (generation, joined seq, state) and each away member's deadline as the key's TTL;
-    `claim` is one Lua script (check the state and the generation, bump it, clear the
-    TTL), so exactly one of two simultaneous resumes wins on whichever nodes they land.
-    The node that saw the drop arms the grace timer; when it fires (or the reaper finds
-    the key expired for a dead node), the ``user-left`` goes out only if a Lua check
-    finds the session still away: a resume that claimed it first wins.
-    """
-
-    def joined(self, room_id: str, connection_id: str,
-               joined_seq: int) -> Deferred[Session]: ...
-
-    def dropped(self, room_id: str, connection_id: str, grace: bool) -> Deferred[bool]: ...
-
-    def claim(self, room_id: str, connection_id: str,
-              generation: int) -> Deferred[Claim | RecoveryFailure]: ...
-
-    def end(self, room_id: str, connection_id: str) -> Deferred[None]: ...
-
-    def end_room(self, room_id: str) -> Deferred[None]: ...
-
-
 class Sessions:
     """Presence grace, one node's bookkeeping (a cluster keeps it in Redis, with the
-    deadline as a key TTL and `claim` as a Lua script).
+    deadline as a key TTL and the claim as a Lua script: iw_relay.cluster_recovery).
 
     Rules:
     - a member that drops is *away*: `gone` is called `window` seconds later unless it

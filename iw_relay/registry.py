@@ -282,8 +282,9 @@ class RoomRegistry(Service):
         away = (self._recording and not was_pending and not room.expired
                 and self.recovery.dropped(room.room_id, member.connection_id, code,
                                           closed_by_server))
-        if self._cluster is not None and not was_pending and not room.expired:
-            away = self._cluster.dropped(room, member.connection_id, code, closed_by_server)
+        if self._cluster is not None and not was_pending:
+            away = self._cluster.dropped(room, member.connection_id, code, closed_by_server,
+                                         final=room.expired)
         if away:
             room.away.add(member.connection_id)
         self._forget(member, room, code)

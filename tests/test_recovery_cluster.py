@@ -10,8 +10,11 @@ import json
 import pytest
 
 from iw_relay.registry import RoomRegistry
+from tests import test_backplane_memory
 from tests.members import Member
-from tests.test_backplane_memory import Cluster, cluster  # noqa: F401 (the fixture)
+from tests.test_backplane_memory import Cluster
+
+cluster = test_backplane_memory.cluster  # the fixture: nodes on one MemoryBus
 
 WINDOW = 30.0
 
@@ -229,3 +232,30 @@ def test_recovery_off_in_a_cluster_changes_nothing(cluster):
     cluster.bus.settle()
     assert "seq" not in b1.of("op")[0] and "epoch" not in a1.of("connected")[0]
     assert a._cluster is None and not cluster.bus.histories
+
+
+def test_a_drop_the_store_did_not_hear_of_still_ends_after_the_window(cluster):
+    a, b = node(cluster), node(cluster)
+    a1, b1 = cluster.join(a, "a1"), cluster.join(b, "b1")
+    cluster.bus.cut(a.backplane.node_id)
+    a.leave(a1, 1006)  # away here; the store still has its session as present
+    cluster.bus.restore(a.backplane.node_id)
+    cluster.clock.advance(1)
+    cluster.bus.settle()
+    assert "user-left" not in b1.kinds()
+    cluster.clock.advance(WINDOW)
+    cluster.bus.settle()
+    assert b1.presence()[-1] == ("user-left", "a1", 1)
+    assert a.recovery.snapshot()["recoveryAwayMembers"] == 0
+
+
+def test_a_member_of_an_expired_room_cannot_resume(cluster):
+    a, b = node(cluster, room_expiry=50), node(cluster, room_expiry=50)
+    a1 = cluster.join(a, "a1")
+    cluster.join(b, "b1")
+    cluster.clock.pump([10.0] * 6)
+    assert a1.closed_with is not None and a1.closed_with[0] == 1000  # room-expired
+    back = resume(cluster, b, "back", a1)
+    cluster.bus.settle()
+    assert back.of("connected")[0]["recovered"] is False
+    assert b.recovery.stats.failed["session_ended"] == 1

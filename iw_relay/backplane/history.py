@@ -8,8 +8,10 @@ and its byte count live for the window after the last append; the seq and the ep
 `head_ttl` (a room's lifetime plus the window), so a quiet room keeps its epoch and a
 member that missed nothing can still resume.
 
-Not wired into the registry yet: the one-node `recovery.MemoryHistory` is what the relay
-uses; ``--recovery-window`` with ``--redis`` is refused at start.
+The relay itself reaches these scripts through the backplane's store
+(iw_relay.backplane.redis, driven by iw_relay.cluster_recovery), where the append is the
+cluster's sequencing script, which also publishes; this class is the same history as a
+standalone `HistoryStore`, with room ids, for tests and tools.
 """
 
 from __future__ import annotations

@@ -373,13 +373,12 @@ class MemoryStore:
         return self._reply(Claimed(session.generation, session.joined_seq,
                                    bus._deadline(key), before))
 
-    def close_session(self, node: str, key: str, connection_id: str,
-                      dead: bool) -> Deferred[bool]:
+    def close_session(self, node: str, key: str, connection_id: str) -> Deferred[bool]:
         self._check()
         session = self.bus._session(key, connection_id)
         if session is None:
             return self._reply(True)
-        if session.node != node or not (session.away or dead):
+        if session.node != node:
             return self._reply(False)
         del self.bus.sessions[(key, connection_id)]
         return self._reply(True)

@@ -330,10 +330,9 @@ class RedisStore:
                          [generation, node, key, INBOX, connection_id, limits.head_ttl_ms,
                           limits.head_ttl_ms]).addCallback(claimed)
 
-    def close_session(self, node: str, key: str, connection_id: str,
-                      dead: bool) -> Deferred[bool]:
+    def close_session(self, node: str, key: str, connection_id: str) -> Deferred[bool]:
         return self._run("session_close", [_session(key, connection_id)],
-                         [node, int(dead)]).addCallback(bool)
+                         [node]).addCallback(bool)
 
     def history_since(self, key: str, seq: int, epoch: str, connection_id: str,
                       limits: HistoryLimits) -> Deferred[Replay | str]:

@@ -122,9 +122,9 @@ class Store(Protocol):
         """A resume's claim: `Claimed`, or the `RecoveryFailure` value of why not."""
         ...
 
-    def close_session(self, node: str, key: str, connection_id: str,
-                      dead: bool) -> Deferred[bool]:
-        """An away member's window passed: True when it is gone (not resumed)."""
+    def close_session(self, node: str, key: str, connection_id: str) -> Deferred[bool]:
+        """An away member's window passed: True when it is gone (no resume moved it from
+        `node`, the node it dropped from)."""
         ...
 
     def history_since(self, key: str, seq: int, epoch: str, connection_id: str,
