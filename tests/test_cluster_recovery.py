@@ -22,7 +22,7 @@ from tests.cluster_harness import Cluster, Node, get, poll
 from tests.page_server import PageServer
 
 # A stopping node drains for up to 10 s: its members leave on server-shutdown, and what
-# they sent before is relayed (docs/scaling.rst, "Rolling restarts").
+# they sent before is relayed (docs/scaling.rst, "The HAProxy deployment").
 RECOVERY = ("--recovery-window", "30s", "--node-heartbeat", "0.5s", "--drain-timeout", "10s")
 SEND_EVERY_MS = 25  # 40 messages a second from each page, under the relay's 100/s
 RESUME_MS = 30_000
