@@ -19,6 +19,7 @@ import pytest
 
 from tests.browser import CHROMIUM_ARGS, chromium, open_page
 from tests.cluster_harness import Cluster, Node, get, poll
+from tests.cutting_proxy import CuttingProxy
 from tests.page_server import PageServer
 
 # A stopping node drains for up to 10 s: its members leave on server-shutdown, and what
@@ -125,33 +126,45 @@ def assert_all_once_in_order(page, sent: int) -> None:
     assert page.evaluate("window.ops()") == list(range(sent))
 
 
+@pytest.mark.parametrize("kept_out", [False, True],
+                         ids=["resumes-at-once", "resumes-after-the-death-is-found"])
 def test_a_page_whose_node_is_killed_resumes_on_another_with_nothing_missing(
-        cluster, browser):
-    receiver = join(browser, cluster.url("/room/killed-node-room"))
-    home = node_with_connections(cluster, 1)
-    # The sender on another node, directly: it stays up while the receiver's node dies.
-    other = next(node for node in cluster.nodes if node is not home)
-    sender = join(browser, f"ws://127.0.0.1:{other.port}/room/killed-node-room")
-    receiver.wait_for_function("window.kinds().includes('user-joined')")
-    sender.evaluate(f"window.startSending({SEND_EVERY_MS})")
-    received_progress(receiver, 20)
+        cluster, browser, kept_out):
+    """The page reaches HAProxy through a cutting proxy: with `kept_out`, its reconnects
+    are refused until the other nodes have found its node dead (and could have said
+    user-left); otherwise it resumes as soon as it can."""
+    with CuttingProxy(cluster.front.port) as proxy:
+        receiver = join(browser, f"ws://127.0.0.1:{proxy.port}/room/killed-node-room")
+        home = node_with_connections(cluster, 1)
+        # The sender on another node, directly: it stays up while the receiver's dies.
+        other = next(node for node in cluster.nodes if node is not home)
+        sender = join(browser, f"ws://127.0.0.1:{other.port}/room/killed-node-room")
+        receiver.wait_for_function("window.kinds().includes('user-joined')")
+        sender.evaluate(f"window.startSending({SEND_EVERY_MS})")
+        received_progress(receiver, 20)
 
-    home.kill()
-    wait_for(receiver, "window.recoveries.length === 1")
-    received_progress(receiver, 20)  # live again, on a survivor
-    sent = sender.evaluate("window.stopSending()")
+        home.kill()
+        if kept_out:
+            proxy.cut(refuse_for=30)
+            poll(lambda: other.stats()["cluster"]["deadNodesSeen"] == 1,
+                 "the sender's node to find the dead node")
+            proxy.cut(refuse_for=0)  # let it in
+        wait_for(receiver, "window.recoveries.length >= 1")
+        received_progress(receiver, 20)  # live again, on a survivor
+        sent = sender.evaluate("window.stopSending()")
 
-    assert_all_once_in_order(receiver, sent)
-    assert receiver.evaluate("window.recoveries") == [True]
-    # Invisible to both applications: no close, no second open, no one left or joined.
-    assert receiver.evaluate("window.events") == ["open"]
-    assert sender.evaluate("window.events") == ["open"]
-    assert sender.evaluate("window.kinds()").count("user-left") == 0
-    assert sender.evaluate("window.kinds()").count("user-joined") == 0
-    survivors = [node for node in cluster.nodes if node is not home]
-    assert sum(node.stats()["recoveriesSucceeded"] for node in survivors) == 1
-    assert sum(cluster.connections()) == 2 and not home.alive()
-    assert receiver.errors == [] and sender.errors == []
+        assert_all_once_in_order(receiver, sent)
+        recoveries = receiver.evaluate("window.recoveries")
+        assert set(recoveries) == {True}, recoveries
+        # Invisible to both applications: no close, no second open, no one left or joined.
+        assert receiver.evaluate("window.events") == ["open"]
+        assert sender.evaluate("window.events") == ["open"]
+        assert sender.evaluate("window.kinds()").count("user-left") == 0
+        assert sender.evaluate("window.kinds()").count("user-joined") == 0
+        survivors = [node for node in cluster.nodes if node is not home]
+        assert sum(node.stats()["recoveriesSucceeded"] for node in survivors) == len(recoveries)
+        assert sum(cluster.connections()) == 2 and not home.alive()
+        assert receiver.errors == [] and sender.errors == []
 
 
 def test_a_rolling_restart_of_every_node_loses_and_repeats_nothing(cluster, browser):
