@@ -4,7 +4,9 @@ Debian's haproxy with conf/haproxy.cfg, three `twistd -n iwrelay --redis
 traffic:
 
 - the node a page is on is killed (SIGKILL): the page resumes on another node with
-  ``recovered: true``, every message in order, once, and its peer sees no ``user-left``;
+  ``recovered: true``, every message in order, once, and its peer (on another node)
+  sees no ``user-left``; both when it resumes at once and when it is kept out until the
+  other nodes have found the node dead;
 - every node is stopped (SIGTERM, the graceful drain) and started again, one after the
   other: the pages lose and repeat nothing of what the other sent.
 
