@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.page_server import PageServer
 from tests.relay_process import LISTENING, TWISTD, relay_environment
 
 CHROMIUM_ARGS = [
@@ -78,3 +79,16 @@ class Relay:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def open_page(browser, pages: PageServer):
+    """A new page (its own context) on the page server, once IWRelaySocket is defined;
+    `page.errors` collects its uncaught errors."""
+    page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(pages.url)
+    page.wait_for_function("typeof IWRelaySocket === 'function'")
+    page.errors = errors
+    return page

@@ -1,10 +1,13 @@
 """A test-only web server for browser tests: ``/client.js`` from the relay's own
 resource (iw_relay.clientjs), and ``/`` a blank page to run scripts in. Run as
 ``python3 -m tests.page_server``; it prints ``listening on PORT`` and serves until it is
-killed. The page's origin differs from the relay's, as an application's would."""
+killed (`PageServer` starts it for a test). The page's origin differs from the relay's, as
+an application's would."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 
 from twisted.internet import reactor
@@ -14,6 +17,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from iw_relay.clientjs import ClientScriptResource
+from tests.relay_process import CHECKOUT, relay_environment
 
 PAGE = b"""<!doctype html>
 <meta charset="utf-8"><title>IWRelaySocket under test</title>
@@ -38,6 +42,28 @@ def main() -> None:
     endpoint.listen(site()).addCallbacks(listening, lambda failure: (
         print(failure.getTraceback(), file=sys.stderr), reactor.stop()))
     reactor.run()
+
+
+class PageServer:
+    """tests/page_server.py in a subprocess, on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.page_server"], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=CHECKOUT,
+            env=relay_environment(), text=True)
+        line = self.process.stdout.readline()  # bounded: the process prints or exits
+        found = re.match(r"listening on (\d+)", line)
+        if not found:
+            self.stop()
+            raise AssertionError(f"the page server did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{found.group(1)}/"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stdout.close()
 
 
 if __name__ == "__main__":

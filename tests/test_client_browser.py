@@ -9,40 +9,15 @@ client.js through the relay's own resource. Loopback only; every wait is bounded
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium
+from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium, open_page
 from tests.cutting_proxy import CuttingProxy
-from tests.relay_process import relay_environment
-
-CHECKOUT = Path(__file__).resolve().parent.parent
-
-
-class PageServer:
-    """tests/page_server.py in a subprocess, on a free loopback port."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.page_server"], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=CHECKOUT,
-            env=relay_environment(), text=True)
-        line = self.process.stdout.readline()  # bounded: the process prints or exits
-        found = re.match(r"listening on (\d+)", line)
-        if not found:
-            self.stop()
-            raise AssertionError(f"the page server did not start: {line!r}")
-        self.url = f"http://127.0.0.1:{found.group(1)}/"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.process.stdout.close()
+from tests.page_server import PageServer
 
 
 @pytest.fixture
@@ -66,17 +41,6 @@ def world(tmp_path):
         proxy.stop()
         pages.stop()
         relay.kill()
-
-
-def open_page(browser, pages: PageServer):
-    page = browser.new_context().new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(pages.url)
-    page.wait_for_function("typeof IWRelaySocket === 'function'")
-    page.errors = errors
-    return page
 
 
 # The same scenario, run with the browser's WebSocket and with IWRelaySocket: what the
@@ -509,6 +473,80 @@ def test_a_cut_page_using_iwrelaysocket_gets_all_200_in_order_once(recovering_wo
     assert stats["rateLimitsHit"] == 0
     assert stats["recoveriesSucceeded"] >= 1 and stats["currentConnections"] == 2
     assert cut_page.errors == [] and peer_page.errors == []
+
+
+# Test-only: the browser's socket as it is between the relay's close frame (a node
+# stopping in a rolling restart) and the close event, once `__closing` is set: CLOSING,
+# and what is sent is discarded.
+CLOSING_SCRIPT = """
+(() => {
+  const Native = window.WebSocket;
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.lastNativeSocket = this; }
+    get readyState() { return this.__closing ? Native.CLOSING : super.readyState; }
+    send(data) { if (!this.__closing) super.send(data); }
+  };
+})();
+"""
+
+
+def test_what_is_sent_while_the_relay_closes_the_connection_is_sent_after_the_resume(
+        recovering_world):
+    browser, pages, relay, proxy = recovering_world
+    room = "closing-room"
+    context = browser.new_context()
+    context.add_init_script(CLOSING_SCRIPT)
+    page = context.new_page()
+    page.goto(pages.url)
+    page.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{proxy.port}/room/{room}"])
+    page.wait_for_function("window.messages.length === 1")
+    peer = open_page(browser, pages)
+    peer.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{relay.port}/room/{room}"])
+    peer.wait_for_function("window.messages.length === 1")
+    page.evaluate("""() => {
+      window.lastNativeSocket.__closing = true;
+      window.socket.send(JSON.stringify({ type: "op", n: "while-closing" }));
+    }""")
+    proxy.cut()  # and then the connection ends
+    page.wait_for_function("window.socket._phase === 'live' && "
+                           "window.lastNativeSocket.url.includes('resume=')")
+    page.evaluate("window.sendOps('after', 1, 0)")
+    peer.wait_for_function("window.ops('after').length === 1")
+    assert peer.evaluate("window.ops('')") == ["while-closing", "after0"]
+    assert page.evaluate("window.events") == ["open"]
+    assert relay.stats()["recoveriesSucceeded"] == 1
+
+
+def test_on_server_shutdown_it_leaves_at_once_so_that_the_relay_drains_quickly(tmp_path):
+    """A stopping relay says server-shutdown and waits (--drain-timeout) for its members
+    to leave; what they sent until then is relayed. IWRelaySocket leaves at once (and
+    resumes elsewhere): the relay stops long before its drain timeout, and what the
+    application sends meanwhile waits for the resume."""
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+
+    relay = Relay(tmp_path, "--recovery-window", "30s", "--drain-timeout", "20s")
+    pages = PageServer()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=browser_path,
+                                                 args=CHROMIUM_ARGS, timeout=30_000)
+            try:
+                page = open_page(browser, pages)
+                page.evaluate(APP, ["IWRelaySocket",
+                                    f"ws://127.0.0.1:{relay.port}/room/draining"])
+                page.wait_for_function("window.messages.length === 1")
+                relay.process.send_signal(signal.SIGTERM)
+                assert relay.process.wait(10) == 0  # not the 20 s drain: it left
+                page.wait_for_function("window.socket._phase === 'recovering'")
+                page.evaluate("window.sendOps('later', 1, 0)")
+                assert page.evaluate("window.socket.bufferedAmount") > 0
+                assert page.evaluate("window.events") == ["open"]
+            finally:
+                browser.close()
+    finally:
+        pages.stop()
+        relay.kill()
 
 
 def test_the_same_cut_with_a_plain_websocket_loses_messages(recovering_world):

@@ -9,11 +9,8 @@ checked with `nginx -t`.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,74 +19,25 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.clients import RelayClient, connect
-from tests.helpers import free_port, until, within
+from tests.cluster_harness import CONF, HAProxy, binary
+from tests.helpers import until, within
 from tests.relay_process import start_nodes, stats
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 ROOMS = [f"haRoom-{n:02d}-x{n * 7919 % 1000}" for n in range(20)]
-
-
-def binary(name: str, env: str) -> str:
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
-    if found is None:
-        if os.environ.get(env):
-            pytest.fail(f"{env} is set but there is no {name} binary")
-        pytest.skip(f"no {name} binary (apt-get install {name}); set {env}=1 to make "
-                    "this a failure")
-    return found
-
-
-def haproxy_config(tmp_path: Path, port: int, nodes: list[int]) -> Path:
-    """conf/haproxy.cfg as shipped, listening on `port`, with our nodes as servers."""
-    text = (CONF / "haproxy.cfg").read_text()
-    text = re.sub(r"(?m)^    bind \S+$", f"    bind 127.0.0.1:{port}", text)
-    text = re.sub(r"(?m)^    server .*\n", "", text)
-    text += "".join(f"    server node{i} 127.0.0.1:{p} check\n" for i, p in enumerate(nodes))
-    text = re.sub(r"(?m)^    maxconn \d+$", "    maxconn 2000", text)  # the test's FD limit
-    text = text.replace("global\n", f"global\n    stats socket {tmp_path}/admin.sock\n", 1)
-    path = tmp_path / "haproxy.cfg"
-    path.write_text(text)
-    return path
-
-
-def server_states(tmp_path: Path) -> dict[str, str]:
-    """node name -> UP / DOWN / ..., from HAProxy's own stats socket."""
-    with socket.socket(socket.AF_UNIX) as admin:
-        admin.settimeout(2)
-        admin.connect(str(tmp_path / "admin.sock"))
-        admin.sendall(b"show stat\n")
-        data = b""
-        while chunk := admin.recv(65536):
-            data += chunk
-    states = {}
-    for line in data.decode().splitlines():
-        fields = line.split(",")
-        if len(fields) > 17 and fields[0] == "relay_nodes" and fields[1].startswith("node"):
-            states[fields[1]] = fields[17]
-    return states
 
 
 @pytest.fixture
 def haproxy(tmp_path: Path):
-    """start(nodes) -> port of an HAProxy in front of those node ports."""
-    exe = binary("haproxy", "IWRELAY_REQUIRE_HAPROXY")
-    started: list[subprocess.Popen] = []
+    """start(node ports) -> an HAProxy in front of them, stopped at teardown."""
+    started: list[HAProxy] = []
 
-    def start(nodes: list[int]) -> int:
-        port = free_port()
-        config = haproxy_config(tmp_path, port, nodes)
-        log = open(tmp_path / "haproxy.log", "wb")
-        started.append(subprocess.Popen([exe, "-db", "-f", str(config)],
-                                        stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT))
-        log.close()
-        return port
+    def start(nodes: list[int]) -> HAProxy:
+        started.append(HAProxy(tmp_path, nodes))
+        return started[-1]
 
     yield start
-    for process in started:
-        process.kill()
-        process.wait(10)
+    for proxy in started:
+        proxy.stop()
 
 
 async def join_via(port: int, room: str, by_query: bool) -> RelayClient:
@@ -106,12 +54,12 @@ async def node_stats(ports: list[int]) -> list[dict]:
 
 @pytest_twisted.ensureDeferred
 async def test_haproxy_keeps_each_room_on_one_node_and_moves_only_a_stopped_node_s_rooms(
-        spawn, redis_server, haproxy, tmp_path):
+        spawn, redis_server, haproxy):
     nodes = await start_nodes(spawn, redis_server.url, 3, "--node-heartbeat", "0.5s")
     ports = [node.port for node in nodes]
-    front = haproxy(ports)
-    await until(lambda: os.path.exists(tmp_path / "admin.sock")
-                and set(server_states(tmp_path).values()) == {"UP"}, "every node UP", 20)
+    proxy = haproxy(ports)
+    front = proxy.port
+    await until(lambda: set(proxy.states().values()) == {"UP"}, "every node UP", 20)
 
     members: dict[str, list[RelayClient]] = {}
     for number, room in enumerate(ROOMS):
@@ -137,7 +85,7 @@ async def test_haproxy_keeps_each_room_on_one_node_and_moves_only_a_stopped_node
     moved_count = before[victim]["currentRooms"]
     nodes[victim].process.send_signal(signal.SIGTERM)
     await nodes[victim].wait_exit()
-    await until(lambda: server_states(tmp_path).get(f"node{victim}") != "UP",
+    await until(lambda: proxy.states().get(f"node{victim}") != "UP",
                 "the stopped node out of the rotation", 15)
     moved = [room for room, pair in members.items() if pair[0].close_code is not None]
     assert len(moved) == moved_count

@@ -120,7 +120,7 @@
         throw new DOMException("Failed to execute 'send' on 'WebSocket': Still in CONNECTING state.", "InvalidStateError");
       }
       if (this._state !== OPEN) return; // as WebSocket: discarded once closing
-      if (this._phase === "live" && this._queue.length === 0) {
+      if (this._phase === "live" && this._queue.length === 0 && !this._goingDown()) {
         this._sendNow(data);
         return;
       }
@@ -205,7 +205,8 @@
           if (message.seq <= this._lastSeq) return; // already delivered
           this._lastSeq = message.seq;
         } else if (message.type === "server-shutdown") {
-          return; // the relay is going away: this socket resumes on another node
+          this._leave(); // the relay is going away: this socket resumes on another node
+          return;
         }
       }
       if (this._phase !== "live") return;
@@ -301,6 +302,19 @@
       }, delay);
     }
 
+    // The relay is stopping. What was sent on this connection reaches it before this
+    // close (TCP keeps order) and is relayed while it drains (--drain-timeout); what the
+    // application sends from now on waits for the resume, on another node.
+    _leave() {
+      if (this._phase !== "live") return;
+      const ws = this._ws;
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      ws.close(4000, "resuming"); // not 1000/1001, which would end the session
+      this._ws = null;
+      this._phase = "recovering";
+      this._scheduleRetry();
+    }
+
     // Tells the application the socket closed. `reopening`: this object opens again
     // by itself unless the application closes it or opens another to the same URL.
     _surfaceClose(code, reason, wasClean, reopening) {
@@ -347,6 +361,12 @@
 
     // -- sending, paced ------------------------------------------------------------
 
+    // The relay closed this connection (its close frame is in: the socket is CLOSING),
+    // and it will be resumed: what is sent now would be discarded, so it waits.
+    _goingDown() {
+      return this._session !== null && (this._ws === null || this._ws.readyState !== OPEN);
+    }
+
     _sendNow(data) {
       this._ws.send(data);
       this._sentAt.push(performance.now());
@@ -356,7 +376,7 @@
     // Sends the queue, at most rateShare of the relay's limit per window (the relay
     // drops the excess): a flush after a resume never trips it.
     _pump() {
-      if (this._pumpTimer !== null || this._phase !== "live") return;
+      if (this._pumpTimer !== null || this._phase !== "live" || this._goingDown()) return;
       const o = this._options;
       const budget = Math.max(1, Math.floor(o.rateLimit * o.rateShare));
       while (this._queue.length) {
