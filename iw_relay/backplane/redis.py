@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from iw_relay._autobahn import write_now
 from iw_relay.backplane.shared import (
     HEARTBEATS_TO_DEATH,
     SharedBackplane,
@@ -75,11 +76,12 @@ class _Commands(txredisapi.RedisProtocol):
     def publish_lean(self, channel: bytes, envelope: bytes) -> Deferred[Any]:
         """PUBLISH without txredisapi's per-command machinery (a command builder, three
         Deferreds and a timer per command, 20 us): it runs once per destination node per
-        reactor turn. The reply is taken from the same queue, so replies stay in order
-        with the other commands'; `RedisStore`'s watchdog replaces the timer."""
+        reactor turn. It is sent at once (`write_now`, behind anything buffered), and its
+        reply is taken from txredisapi's queue, in order with the other commands';
+        `RedisStore`'s watchdog replaces the timer."""
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
-        self.transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        write_now(self.transport, b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
             len(channel), channel, len(envelope), envelope))
         return self.replyQueue.get()
 
