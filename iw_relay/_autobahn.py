@@ -154,6 +154,9 @@ def check_internals() -> None:
 check_internals()
 
 
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """Write `data`, straight to the socket when nothing is waiting before it.
 
@@ -162,9 +165,9 @@ def write_now(transport: Any, data: bytes) -> None:
     Sending at once when the buffer is empty skips both; what the socket does not take
     goes through transport.write() as usual, behind nothing, so the order is kept.
     """
-    # Only a plain TCP connection: a TLS transport would pass `.socket` through to the
-    # TCP one underneath, and plaintext would go out on it.
-    if (type(transport) is tcp.Server and transport.connected
+    # Only a plain TCP connection (a member's, or the Redis one): a TLS transport would
+    # pass `.socket` through to the TCP one underneath, and plaintext would go out on it.
+    if (type(transport) in _PLAIN_TCP and transport.connected
             and not transport.disconnecting
             and not transport.dataBuffer and not transport._tempDataBuffer):
         try:

@@ -246,6 +246,30 @@ async def test_a_stalled_redis_cannot_stall_local_relaying(cluster, redis_server
     assert [m["n"] for m in b1.of("op")] == list(range(5))
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_redis_that_answers_no_publish_is_dropped_after_three_heartbeats(
+        cluster, redis_server):
+    # Publishes carry no timer of their own (they are written straight to the socket);
+    # the store's watchdog must still see that Redis stopped answering them.
+    a = cluster.node(node_heartbeat=0.2)
+    b = cluster.node(node_heartbeat=0.2)
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    await joined(Member(b, "b1"), "room")
+    await until(lambda: a.rooms["room"].nodes, "a knows b1")
+    redis_server.pause()
+    try:
+        a.broadcast(a1, b'{"type":"op"}')  # one PUBLISH; the Clock sends no heartbeat
+        await deferLater(reactor, 0, lambda: None)
+        assert a.backplane.store.in_flight == 1 and a.backplane.state == "connected"
+        await until(lambda: a.backplane.state == "disconnected", "the stall is noticed",
+                    timeout=5)
+        assert b.backplane.state == "connected"  # it sent nothing: nothing to notice
+    finally:
+        redis_server.resume()
+    await cluster.connected()
+
+
 def test_the_single_node_backplane_stays_the_default():
     registry = RelayService(RelayConfig(), listen=False).registry
     assert type(registry.backplane) is LocalBackplane and registry.backplane.status() is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from iw_relay.backplane.base import (
     encode_message,
     encode_presence,
     encode_unicast,
+    valid_payload,
 )
 
 ids = st.text("0123456789abcdef", min_size=16, max_size=16)
@@ -67,3 +69,22 @@ def test_a_payload_over_the_size_limit_is_dropped():
     big = json.dumps({"type": "op", "pad": "x" * 400}).encode()
     _, entries = codec.decode(encode_header("a" * 16) + encode_message(b"b" * 32, big))
     assert entries == [] and codec.dropped["length"] == 1
+
+
+@pytest.mark.parametrize("payload, valid", [
+    (b'{"type":"op","n":[1,{"a":null}]}', True),
+    (b' \t{"type": "op"} \r\n', True),  # a sender's own spacing
+    (b'{"type":"op"}x', False),
+    (b'{"type":"op"}{"type":"op"}', False),
+    (b'{"type":"op"', False),
+    (b'{"type":""}', False),
+    (b'{"type":1}', False),
+    (b'{"kind":"op"}', False),
+    (b'["type","op"]', False),
+    (b'"op"', False),
+    (b'', False),
+    (b'{"type":"\xff"}', False),
+    (b'{"type":"op","deep":' + b'[' * 100_000 + b']' * 100_000 + b'}', False),
+])
+def test_a_relayed_payload_must_be_one_json_object_with_a_type(payload, valid):
+    assert valid_payload(payload) is valid

@@ -514,9 +514,9 @@ class SharedBackplane:
     def received(self, envelope: bytes) -> None:
         """An envelope from our inbox: checked by the codec, then told to the registry."""
         events = self._events
-        before = sum(self.codec.dropped.values())
+        before = self.codec.dropped_total
         sender, entries = self.codec.decode(envelope)
-        bad = sum(self.codec.dropped.values()) - before
+        bad = self.codec.dropped_total - before
         if bad:
             self.stats.badEnvelopes += bad
             self._log.warn("dropped {count} malformed entries from the other nodes",
