@@ -79,12 +79,27 @@ def _finite_float(text: str) -> float:
 
 _JSON_BLANKS = b" \t\n\r"
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_scan_once = _decoder.scan_once
+
+
+def _parse(text: str) -> Any:
+    """What `_decoder.decode(text)` returns, without its two whitespace scans when the
+    text is one object edge to edge (nearly every client message)."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            value, end = _scan_once(text, 0)
+        except (StopIteration, ValueError):
+            pass  # the full decoder says what is wrong
+        else:
+            if end == len(text):
+                return value
+    return _decoder.decode(text)
 
 
 def decode_client_message(payload: bytes) -> dict[str, Any]:
     """The client's JSON object; MessageError when it is not one the relay accepts."""
     try:
-        message = _decoder.decode(payload.decode("utf-8"))
+        message = _parse(payload.decode("utf-8"))
     except (ValueError, RecursionError):
         # ValueError covers bad UTF-8, bad JSON, NaN/Infinity, numbers out of range.
         raise MessageError(PARSE_ERROR, PARSE_ERROR_MESSAGE) from None
