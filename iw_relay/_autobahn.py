@@ -551,7 +551,9 @@ def lean_reactor_dispatch(reactor: Any) -> bool:
     it is another reactor, left as it is. Opt-in: the twistd plugin calls it."""
     if type(reactor) is not epollreactor.EPollReactor:
         return False
-    reactor.doPoll = reactor.doIteration = types.MethodType(_lean_do_poll, reactor)
+    lean = types.MethodType(_lean_do_poll, reactor)
+    for name in ("doPoll", "doIteration"):  # doIteration is doPoll, by another name
+        setattr(reactor, name, lean)
     return True
 
 
