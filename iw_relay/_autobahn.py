@@ -21,16 +21,17 @@ with an ImportError naming the attribute, not silently under load.
 - `tune_autobahn()`: process-wide, opt-in (the twistd plugin calls it): Autobahn's debug
   log arguments (pformat, hltype, hlval) are no longer built when nobody reads them.
 - `lean_reactor_dispatch()`: opt-in too: the epoll reactor hands a ready socket to
-  Twisted's own read/write handling without a legacy log context per event.
+  Twisted's own read/write handling without a legacy log context per event, and runs
+  `end_of_turn()` functions without a timer per turn.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import operator
 import pprint
-import types
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -518,15 +519,14 @@ frame_bytes: Callable[[PreparedMessage], bytes] = operator.attrgetter("payloadHy
 # -- process-wide tuning (opt-in) -------------------------------------------------------
 
 
-def _lean_do_poll(reactor: Any, timeout: float | None) -> None:
+def _poll_and_dispatch(reactor: Any, timeout: float | None) -> None:
     """EPollReactor.doPoll without `log.callWithLogger` around each ready socket.
 
     That wrapper only gives legacy `log.msg` calls made while handling the event a
     "system" prefix (the relay and Autobahn log through twisted.logger, which ignores
     it), at the price of a logPrefix() call, a dict and a context push and pop per
-    socket event: about a tenth of the CPU per relayed message. What it caught (an
-    exception escaping `_doReadOrWrite`, which catches the selectable's own) is still
-    logged with log.err.
+    socket event. What it caught (an exception escaping `_doReadOrWrite`, which
+    catches the selectable's own) is still logged with log.err.
     """
     try:
         events = reactor._poller.poll(-1 if timeout is None else timeout,
@@ -546,15 +546,56 @@ def _lean_do_poll(reactor: Any, timeout: float | None) -> None:
                 log.err()
 
 
+def _run_all(calls: list[Callable[[], object]]) -> None:
+    while calls:  # a call may add more: they run too, in this turn
+        batch = calls[:]
+        calls.clear()
+        for call in batch:
+            try:
+                call()
+            except BaseException:
+                log.err()
+
+
+_END_OF_TURN = "_iwrelay_end_of_turn"
+
+
 def lean_reactor_dispatch(reactor: Any) -> bool:
-    """Give `reactor` (when it is Twisted's epoll reactor) `_lean_do_poll`; False when
-    it is another reactor, left as it is. Opt-in: the twistd plugin calls it."""
+    """Make `reactor`'s turn cheaper, when it is Twisted's epoll reactor (False, and
+    nothing changed, for any other). Opt-in: the twistd plugin calls it.
+
+    - Ready sockets are handled by `_poll_and_dispatch`.
+    - `end_of_turn(reactor)` runs a function once this turn's events are handled (or,
+      when it was asked for outside them, by a timed call, before the reactor waits
+      again), without the DelayedCall that callLater(0) makes and sorts into the
+      timer heap (one per connection: Autobahn's ping timers) every turn.
+    Together, about a fifth of the relay's CPU per message in small rooms.
+    """
     if type(reactor) is not epollreactor.EPollReactor:
         return False
-    lean = types.MethodType(_lean_do_poll, reactor)
+    if hasattr(reactor, _END_OF_TURN):
+        return True
+    pending: list[Callable[[], object]] = []
+
+    def do_poll(timeout: float | None) -> None:
+        _run_all(pending)
+        _poll_and_dispatch(reactor, timeout)
+        _run_all(pending)
+
+    setattr(reactor, _END_OF_TURN, pending.append)
     for name in ("doPoll", "doIteration"):  # doIteration is doPoll, by another name
-        setattr(reactor, name, lean)
+        setattr(reactor, name, do_poll)
     return True
+
+
+def end_of_turn(clock: Any) -> Callable[[Callable[[], object]], object]:
+    """A function that runs its argument once the reactor is done with this turn's
+    events: the lean one on a reactor given `lean_reactor_dispatch`, else
+    callLater(0) (any IReactorTime, task.Clock in tests)."""
+    run_later = getattr(clock, _END_OF_TURN, None)
+    if run_later is not None:
+        return cast("Callable[[Callable[[], object]], object]", run_later)
+    return functools.partial(clock.callLater, 0)
 
 
 _VERBOSE = ("debug", "trace")

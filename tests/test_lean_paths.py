@@ -305,3 +305,42 @@ def test_the_twistd_plugin_makes_the_dispatch_lean_and_only_on_epoll():
 
     assert "lean_reactor_dispatch" in tap.makeService.__code__.co_names
     assert _autobahn.lean_reactor_dispatch(object()) is False
+
+
+def test_end_of_turn_runs_after_the_turns_events_and_before_the_reactor_waits():
+    import socket
+
+    from twisted.internet import epollreactor
+
+    reactor = epollreactor.EPollReactor()
+    assert _autobahn.lean_reactor_dispatch(reactor)
+    run_after_turn = _autobahn.end_of_turn(reactor)
+    mine, theirs = socket.socketpair()
+    try:
+        reader = _Reader(mine, None)
+
+        def read_then_ask():
+            reader.seen.append(("read", mine.recv(100)))
+            run_after_turn(lambda: reader.seen.append("after"))
+
+        reader.doRead = read_then_ask
+        reactor.addReader(reader)
+        # Asked for outside the events (as a timed call would): runs before the wait,
+        # here making the socket readable for the same iteration.
+        run_after_turn(lambda: (reader.seen.append("before"), theirs.send(b"x")))
+        reactor.doIteration(5)  # would wait 5 s if the pending call ran after the poll
+        assert reader.seen == ["before", ("read", b"x"), "after"]
+    finally:
+        mine.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_end_of_turn_is_a_zero_delay_call_on_other_clocks():
+    from twisted.internet.task import Clock
+
+    clock, ran = Clock(), []
+    _autobahn.end_of_turn(clock)(lambda: ran.append(1))
+    assert ran == []
+    clock.advance(0)
+    assert ran == [1]
