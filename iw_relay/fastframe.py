@@ -54,7 +54,7 @@ def next_simple_frame(data: bytes, start: int, max_size: int
         return None
     key = data[start + header - 4:start + header]
     payload = unmask(data[start + header:end], key)
-    if opcode == _TEXT:
+    if opcode == _TEXT and not payload.isascii():  # ASCII is valid UTF-8 (and far cheaper)
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError:

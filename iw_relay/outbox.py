@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from iw_relay._autobahn import end_of_turn
+
 
 class TurnFlusher:
     """Writes what members queued, once, at the end of the current reactor turn."""
@@ -25,12 +27,12 @@ class TurnFlusher:
     _log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
+        self._run_after_turn = end_of_turn(clock)
         self._dirty: list[Outbox] = []
 
     def flush_later(self, member: Outbox) -> None:
         if not self._dirty:
-            self._clock.callLater(0, self._flush)
+            self._run_after_turn(self._flush)
         self._dirty.append(member)
 
     def _flush(self) -> None:

@@ -49,7 +49,7 @@ from iw_relay.admission import (
 from iw_relay.config import RelayConfig
 from iw_relay.outbox import Outbox, TurnFlusher
 from iw_relay.ratelimit import TokenBucket
-from iw_relay.registry import RoomRegistry, room_hash
+from iw_relay.registry import RelayStats, RoomRegistry, room_hash
 
 __all__ = ["RelayServerFactory", "RelayServerProtocol", "prepare_frame", "requested_room",
            "room_problem"]
@@ -57,6 +57,7 @@ __all__ = ["RelayServerFactory", "RelayServerProtocol", "prepare_frame", "reques
 ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # How long a closing peer has to answer our close frame before its TCP connection is dropped.
 CLOSE_HANDSHAKE_TIMEOUT = 2.0
+_OPEN = LeanServerProtocol.STATE_OPEN
 
 
 def requested_room(target: str) -> str | None:
@@ -100,6 +101,8 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     _resume: tuple[str | None, str | None, str | None] | None = None
     _limiter: TokenBucket | None = None
     _joined = False
+    #: The registry's traffic counters (set on the factory's class: read per delivery).
+    traffic: RelayStats
 
     # -- admission ----------------------------------------------------------------------
 
@@ -191,7 +194,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._joined:
             return
-        self.factory.registry.stats.bytesReceived += len(payload)
+        self.traffic.bytesReceived += len(payload)
         try:
             self._relay(payload)
         except Exception:
@@ -268,10 +271,10 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def deliver(self, frame: PreparedMessage) -> None:
         """The registry's Member interface: queue an already framed message (framed once
         for all of its recipients); it goes out at the end of this reactor turn."""
-        if self.state != self.STATE_OPEN:
+        if self.state != _OPEN:
             return
         data = frame_bytes(frame)
-        self.factory.registry.stats.bytesSent += len(data)
+        self.traffic.bytesSent += len(data)
         if self.lean_writes:
             self.enqueue(data)
         else:
@@ -351,3 +354,4 @@ class RelayServerFactory(WebSocketServerFactory):
         # What the outbox reads on every send, on the class (not on each connection).
         self.protocol.flusher = self.flusher
         self.protocol.max_send_buffer = config.max_send_buffer
+        self.protocol.traffic = registry.stats

@@ -23,7 +23,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from iw_relay import logs
-from iw_relay._autobahn import tune_autobahn
+from iw_relay._autobahn import lean_reactor_dispatch, tune_autobahn
 from iw_relay.config import (
     FLAG_OPTIONS,
     LIST_OPTIONS,
@@ -297,6 +297,9 @@ def makeService(options: Options) -> IService:
     assert config is not None, "parseOptions() makes the config"
     logs.quiet_autobahn()
     tune_autobahn()  # process-wide: only the plugin, not an application embedding the relay
+    from twisted.internet import reactor  # twistd's, installed before makeService
+
+    lean_reactor_dispatch(reactor)
     raise_open_files_limit()
     warn_of_certificates_without_san(config)
     service = TwistdRelayService(config)

@@ -96,6 +96,17 @@ def step(number, delivered, expected=None, p99=1.0, failures=0, duration=1.0):
                                   "max": p99})
 
 
+def test_a_lagging_generators_latencies_are_left_out_of_the_comparison():
+    steady = step(1, 1000, expected=1000, p99=2.5)
+    figures, notes = compare.delivery_figures(steady)
+    assert (figures["p50_ms"], figures["p99_ms"], notes) == (2.5, 2.5, [])
+    lagging = step(1, 990, expected=1000, p99=900.0)
+    lagging.generator_lagging = True
+    figures, notes = compare.delivery_figures(lagging)
+    assert (figures["p50_ms"], figures["p99_ms"], figures["loss"]) == (None, None, 10)
+    assert notes == ["the generator lagged: no latency figure", "10 deliveries lost"]
+
+
 def test_step_report_rates_loss_and_ok():
     report = step(1, 900, expected=1000, duration=2.0)
     assert report.offered_per_s == 450

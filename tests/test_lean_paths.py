@@ -13,6 +13,7 @@ from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import WebSocketServerProtocol
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
 
 import iw_relay
 from iw_relay import _autobahn
@@ -229,3 +230,117 @@ def test_lazily_made_attributes_serve_autobahns_own_paths(relay):
     sender.sendClose(1000)
     relay.flush()
     assert closed.called and server.is_closed is closed
+
+
+# -- the reactor's dispatch ------------------------------------------------------------------
+
+
+class _Reader:
+    """A selectable on one end of a socket pair that records what the reactor makes of
+    each event: doRead, and connectionLost with its reason when doRead says so."""
+
+    def __init__(self, sock, outcome):
+        self.sock = sock
+        self.outcome = outcome  # None, a reason to return, or an exception to raise
+        self.seen = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "reader"
+
+    def doRead(self):
+        self.seen.append(("read", self.sock.recv(100)))
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def connectionLost(self, reason):
+        self.seen.append(("lost", reason.type.__name__))
+
+
+def _dispatch(lean, outcome):
+    import socket
+
+    from twisted.internet import epollreactor
+
+    reactor = epollreactor.EPollReactor()
+    if lean:
+        assert _autobahn.lean_reactor_dispatch(reactor)
+    mine, theirs = socket.socketpair()
+    try:
+        reader = _Reader(mine, outcome)
+        reactor.addReader(reader)
+        theirs.send(b"ready")
+        reactor.doIteration(0)
+        reactor.doIteration(0)  # nothing more to read: no second doRead
+        return reader.seen, reader in reactor.getReaders()
+    finally:
+        mine.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+@pytest.mark.parametrize("outcome", [None, ConnectionDone(), ValueError("bug")],
+                         ids=["read", "reason", "raises"])
+def test_the_lean_dispatch_does_what_twisteds_does(outcome):
+    from twisted.logger import globalLogPublisher
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        theirs = _dispatch(False, outcome)
+        errors_theirs = sum(1 for event in logged if event.get("isError"))
+        lean = _dispatch(True, outcome)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert lean == theirs
+    assert sum(1 for event in logged if event.get("isError")) == 2 * errors_theirs
+    assert theirs[0][0] == ("read", b"ready")
+
+
+def test_the_twistd_plugin_makes_the_dispatch_lean_and_only_on_epoll():
+    from iw_relay import tap
+
+    assert "lean_reactor_dispatch" in tap.makeService.__code__.co_names
+    assert _autobahn.lean_reactor_dispatch(object()) is False
+
+
+def test_end_of_turn_runs_after_the_turns_events_and_before_the_reactor_waits():
+    import socket
+
+    from twisted.internet import epollreactor
+
+    reactor = epollreactor.EPollReactor()
+    assert _autobahn.lean_reactor_dispatch(reactor)
+    run_after_turn = _autobahn.end_of_turn(reactor)
+    mine, theirs = socket.socketpair()
+    try:
+        reader = _Reader(mine, None)
+
+        def read_then_ask():
+            reader.seen.append(("read", mine.recv(100)))
+            run_after_turn(lambda: reader.seen.append("after"))
+
+        reader.doRead = read_then_ask
+        reactor.addReader(reader)
+        # Asked for outside the events (as a timed call would): runs before the wait,
+        # here making the socket readable for the same iteration.
+        run_after_turn(lambda: (reader.seen.append("before"), theirs.send(b"x")))
+        reactor.doIteration(5)  # would wait 5 s if the pending call ran after the poll
+        assert reader.seen == ["before", ("read", b"x"), "after"]
+    finally:
+        mine.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_end_of_turn_is_a_zero_delay_call_on_other_clocks():
+    from twisted.internet.task import Clock
+
+    clock, ran = Clock(), []
+    _autobahn.end_of_turn(clock)(lambda: ran.append(1))
+    assert ran == []
+    clock.advance(0)
+    assert ran == [1]

@@ -81,3 +81,24 @@ def test_a_message_is_relayed_as_the_client_wrote_it(message):
         assert json.loads(relayed)["connectionId"] == "0123456789abcdef"
     else:
         assert relayed == payload[:-1] + b',"connectionId":"0123456789abcdef","timestamp":1234}'
+
+
+def _standard_decode(text: str) -> object:
+    try:
+        return ("value", messages._decoder.decode(text))
+    except (ValueError, RecursionError):
+        return ("refused",)
+
+
+JSON_TEXTS = (JSON_VALUES.map(json.dumps) | MESSAGES.map(json.dumps)).flatmap(
+    lambda text: st.sampled_from([text, f" {text}", f"{text}\n", f"{text}}}", f"{text}x",
+                                  text[:-1], text[1:], text.replace(":", "", 1)]))
+
+
+@given(JSON_TEXTS | st.text(max_size=40) | st.just("{" * 5000 + "}" * 5000))
+def test_the_object_fast_path_decodes_as_the_standard_decoder(text):
+    try:
+        found: object = ("value", messages._parse(text))
+    except (ValueError, RecursionError):
+        found = ("refused",)
+    assert repr(found) == repr(_standard_decode(text))  # repr: NaN-free, -0.0 told apart

@@ -223,17 +223,8 @@ class Plan:
                 if step is None:
                     found.notes.append(result.summary.get("refusal", "no step ran"))
                     return found
-                found.values = {
-                    "cpu_us_per_delivery": step.server_cpu_us_per_unit,
-                    "p50_ms": step.latency_ms.get("p50"),
-                    "p99_ms": step.latency_ms.get("p99"),
-                    "delivered_per_s": step.delivered_per_s,
-                    "loss": step.loss,
-                }
-                if step.generator_lagging:
-                    found.notes.append("the generator lagged")
-                if step.loss:
-                    found.notes.append(f"{step.loss} deliveries lost")
+                found.values, notes = delivery_figures(step)
+                found.notes.extend(notes)
             elif figure == "idle":
                 settings = self.settings(server, 300, connect_timeout=120,
                                          inflight=args.inflight, max_steps=5)
@@ -254,6 +245,28 @@ class Plan:
 
 def _ignore(_: StepReport) -> None:
     pass
+
+
+def delivery_figures(step: StepReport) -> tuple[dict[str, float | None], list[str]]:
+    """A fanout or bigroom step's figures, and notes on them.
+
+    When the generator lagged (its sending loop woke more than 50 ms late: it waited for
+    a core), its latencies are mostly its own wait and its catch-up bursts, not the
+    server's: they are left out (None, shown as "-"), not averaged into the medians.
+    CPU per delivery is kept: it does not depend on the generator's pace.
+    """
+    lagged = step.generator_lagging
+    figures: dict[str, float | None] = {
+        "cpu_us_per_delivery": step.server_cpu_us_per_unit,
+        "p50_ms": None if lagged else step.latency_ms.get("p50"),
+        "p99_ms": None if lagged else step.latency_ms.get("p99"),
+        "delivered_per_s": step.delivered_per_s,
+        "loss": step.loss,
+    }
+    notes = ["the generator lagged: no latency figure"] if lagged else []
+    if step.loss:
+        notes.append(f"{step.loss} deliveries lost")
+    return figures, notes
 
 
 # -- the table ------------------------------------------------------------------------
