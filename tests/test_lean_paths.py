@@ -229,3 +229,28 @@ def test_lazily_made_attributes_serve_autobahns_own_paths(relay):
     sender.sendClose(1000)
     relay.flush()
     assert closed.called and server.is_closed is closed
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_the_101_goes_out_with_connected_in_one_write(relay, monkeypatch, lean):
+    """The 101 waits for the joiner's first frame: one write (no writer to register, no
+    second send); Autobahn's own path writes them apart. A refusal still gets its answer."""
+    from twisted.test import iosim
+
+    writes: list[bytes] = []
+    write = iosim.FakeTransport.write
+
+    def recording(transport, data):
+        if transport.isServer:
+            writes.append(data)
+        write(transport, data)
+
+    monkeypatch.setattr(iosim.FakeTransport, "write", recording)
+    monkeypatch.setattr(RelayServerProtocol, "lean_writes", lean)
+    relay.join()
+    assert writes[0].startswith(b"HTTP/1.1 101 ")
+    assert (b'"type":"connected"' in writes[0]) is lean
+    writes.clear()
+    refused = relay.connect("/room/bad%20id")  # refused after the handshake: 1008
+    assert refused.close_code == 1008 and writes[0].startswith(b"HTTP/1.1 101 ")
+    assert b"".join(writes).split(b"\r\n\r\n", 1)[1][0] == 0x88  # then the close frame
