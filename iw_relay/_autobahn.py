@@ -17,6 +17,7 @@ with an ImportError naming the attribute, not silently under load.
 - `close()` sends any close code (Autobahn's sendClose refuses 1008, 1011, 1013).
 - Memory: no per-connection send queue, no handshake record once open, and Autobahn's
   ~30 options on a class of the factory's own instead of on every connection.
+- `connectionMade()` leaves the transport details to be made on first use.
 - The 101 answer goes to `queue_handshake_answer()`, so the subclass can send it with
   the first frames in one write.
 - `write_now()` writes straight to a plain TCP socket when nothing waits before it.
@@ -103,7 +104,7 @@ _RELIED_ON: tuple[tuple[Any, str], ...] = (
     *((WebSocketServerProtocol, name) for name in (
         "CONFIG_ATTRS", "processData", "consumeData", "onFrameBegin", "processControlFrame",
         "sendData", "sendCloseFrame", "_cancelAutoPingTimeoutCall", "_dataReceived",
-        "dataReceived", "connectionMade")),
+        "dataReceived", "connectionMade", "_connectionMade")),
     *((TrafficStats(), name) for name in (
         "incomingOctetsWireLevel", "incomingWebSocketFrames", "incomingWebSocketMessages")),
     (PreparedMessage(b"{}", False, False, False), "payloadHybi"),
@@ -123,6 +124,9 @@ _SET_BY: tuple[tuple[Any, str], ...] = (
     *((websocket_protocol.WebSocketServerProtocol.succeedHandshake, name)
       for name in ("current_frame", "inside_message")),
     (WebSocketProtocol.onFrameBegin, "control_frame_data"),
+    # LeanServerProtocol.connectionMade leaves these two to _PerConnection.
+    *((twisted_websocket.WebSocketAdapterProtocol.connectionMade, name)
+      for name in ("_transport_details", "peer")),
     (websocket_protocol.WebSocketServerProtocol.processHandshake, "http_request_uri"),
     (abstract.FileDescriptor.__init__, "_tempDataBuffer"),
     (tcp.Connection.__init__, "socket"),
@@ -304,8 +308,12 @@ class LeanServerProtocol(WebSocketServerProtocol):
     # -- connection ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        """Autobahn's connectionMade (twisted/websocket.py) less its transport details,
+        made on first use instead (nothing in the relay reads them), and `peer`, made
+        from the transport when _connectionMade reads it."""
+        self.__dict__.pop("_transport_details", None)  # WebSocketProtocol.__init__'s blank
         set_tcp_nodelay(self.transport)
+        self._connectionMade()
         self.send_queue = _NO_SEND_QUEUE
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
