@@ -56,7 +56,8 @@ TESTED_AUTOBAHN = "26.10"
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
-_SWITCHING = b"HTTP/1.1 101 "  # how Autobahn's succeedHandshake starts its answer
+# How Autobahn's succeedHandshake starts its answer (any other start: Autobahn's write).
+_SWITCHING = b"HTTP/1.1 101 "
 _CLOSING = WebSocketProtocol.STATE_CLOSING
 _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 
