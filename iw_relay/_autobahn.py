@@ -17,6 +17,9 @@ with an ImportError naming the attribute, not silently under load.
 - `close()` sends any close code (Autobahn's sendClose refuses 1008, 1011, 1013).
 - Memory: no per-connection send queue, no handshake record once open, and Autobahn's
   ~30 options on a class of the factory's own instead of on every connection.
+- `connectionMade()` leaves the transport details to be made on first use.
+- The 101 answer goes to `queue_handshake_answer()`, so the subclass can send it with
+  the first frames in one write.
 - `write_now()` writes straight to a plain TCP socket when nothing waits before it.
 - `tune_autobahn()`: process-wide, opt-in (the twistd plugin calls it): Autobahn's debug
   log arguments (pformat, hltype, hlval) are no longer built when nobody reads them.
@@ -59,6 +62,9 @@ from iw_relay.fastframe import next_simple_frame
 TESTED_AUTOBAHN = "26.10"
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+# How Autobahn's succeedHandshake starts its answer (any other start: Autobahn's write).
+_SWITCHING = b"HTTP/1.1 101 "
 _CLOSING = WebSocketProtocol.STATE_CLOSING
 _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 
@@ -106,7 +112,7 @@ _RELIED_ON: tuple[tuple[Any, str], ...] = (
     *((WebSocketServerProtocol, name) for name in (
         "CONFIG_ATTRS", "processData", "consumeData", "onFrameBegin", "processControlFrame",
         "sendData", "sendCloseFrame", "_cancelAutoPingTimeoutCall", "_dataReceived",
-        "dataReceived", "connectionMade")),
+        "dataReceived", "connectionMade", "_connectionMade")),
     *((TrafficStats(), name) for name in (
         "incomingOctetsWireLevel", "incomingWebSocketFrames", "incomingWebSocketMessages")),
     (PreparedMessage(b"{}", False, False, False), "payloadHybi"),
@@ -128,6 +134,9 @@ _SET_BY: tuple[tuple[Any, str], ...] = (
     *((websocket_protocol.WebSocketServerProtocol.succeedHandshake, name)
       for name in ("current_frame", "inside_message")),
     (WebSocketProtocol.onFrameBegin, "control_frame_data"),
+    # LeanServerProtocol.connectionMade leaves these two to _PerConnection.
+    *((twisted_websocket.WebSocketAdapterProtocol.connectionMade, name)
+      for name in ("_transport_details", "peer")),
     (websocket_protocol.WebSocketServerProtocol.processHandshake, "http_request_uri"),
     (abstract.FileDescriptor.__init__, "_tempDataBuffer"),
     (tcp.Connection.__init__, "socket"),
@@ -286,8 +295,9 @@ class LeanServerProtocol(WebSocketServerProtocol):
     _reading_paused = False
     _resume_call: Any = None
     _frame_refused = False  # the control frame being read was refused by frame_allowed()
-    #: One of Autobahn's options (CONFIG_ATTRS), set on the class by protocol_class_for.
+    #: Autobahn's options (CONFIG_ATTRS), set on the class by protocol_class_for.
     openHandshakeTimeout: float
+    logOctets: bool
 
     # -- hooks for the subclass ---------------------------------------------------------
 
@@ -300,14 +310,24 @@ class LeanServerProtocol(WebSocketServerProtocol):
         """Take one of Autobahn's own frames (a pong) to send it; False: write it now."""
         return False
 
+    def queue_handshake_answer(self, data: bytes) -> bool:
+        """Take the 101 answer to send it with what follows it in this reactor turn (the
+        joiner's first message): one write instead of two (Autobahn would only add it to
+        traffic counts that _compact() drops). False: write it now."""
+        return False
+
     def before_write(self) -> None:
         """Called before Autobahn writes directly (handshake, close frame)."""
 
     # -- connection ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        """Autobahn's connectionMade (twisted/websocket.py) less its transport details,
+        made on first use instead (nothing in the relay reads them), and `peer`, made
+        from the transport when _connectionMade reads it."""
+        self.__dict__.pop("_transport_details", None)  # WebSocketProtocol.__init__'s blank
         set_tcp_nodelay(self.transport)
+        self._connectionMade()
         self.send_queue = _NO_SEND_QUEUE
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -456,6 +476,10 @@ class LeanServerProtocol(WebSocketServerProtocol):
         the rest (handshake, close frame) go out now, after before_write()."""
         if (self.lean_writes and self.state == _OPEN and data and data[0] & 0x0F != _CLOSE
                 and self.queue_frame(data)):
+            return
+        if (self.lean_writes and self.state == _CONNECTING and data.startswith(_SWITCHING)
+                and not sync and not chopsize and not self.logOctets
+                and self.queue_handshake_answer(data)):
             return
         self.before_write()
         super().sendData(data, sync, chopsize)

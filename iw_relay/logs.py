@@ -6,6 +6,10 @@ which hold room ids and tokens, so events from those libraries only pass at warn
 above. Any other event from a library (Twisted's "HEAD request <Request ... uri=...>"
 warning, for one) that looks as if it carries a request line, a path or a query is
 written with its text withheld: only its level and namespace remain.
+
+The relay's own events (two per connection: "joined", "left") take a short path
+(`RelayLogObserver`) that writes the same text as Twisted's chain would; everything else
+goes through that chain.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     PredicateResult,
     formatEvent,
+    formatTime,
     textFileLogObserver,
+    timeFormatRFC3339,
 )
 from zope.interface import implementer
 
@@ -46,6 +52,10 @@ _REQUEST_LIKE = re.compile(
 WITHHELD = "message withheld: it may carry a request path"
 
 
+# An event with any of these keys is not plain: Twisted's formatting handles it.
+_NOT_PLAIN = ("log_system", "log_failure", "log_flattened", "log_trace")
+
+
 def _primitive(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -64,7 +74,7 @@ class JsonLinesObserver:
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": level.name,
             "namespace": event.get("log_namespace", ""),
-            "message": formatEvent(event),
+            "message": _message(event),
         }
         for key, value in event.items():
             if not key.startswith("log_") and key not in record and _primitive(value):
@@ -74,6 +84,29 @@ class JsonLinesObserver:
             record["traceback"] = failure.getTraceback()
         self._out.write(json.dumps(record, default=str) + "\n")
         self._out.flush()
+
+
+def _plain_message(event: dict[str, Any]) -> str | None:
+    """The text of one of the relay's own events whose format str.format_map renders
+    exactly as Twisted's formatEvent does (no call syntax, no system, failure nor
+    flattening); None for any other event, or one that does not format."""
+    text = event.get("log_format")
+    if (type(text) is not str or "()" in text
+            or not (event.get("log_namespace") or "").startswith(_OWN_NAMESPACE)):
+        return None
+    for key in _NOT_PLAIN:
+        if key in event:
+            return None
+    try:
+        return text.format_map(event)
+    except Exception:  # Twisted's formatEvent says what could not be formatted
+        return None
+
+
+def _message(event: dict[str, Any]) -> str:
+    """formatEvent(event), without Twisted's string.Formatter for a plain event."""
+    message = _plain_message(event)
+    return formatEvent(event) if message is None else message
 
 
 def _quiet_libraries(event: dict[str, Any]) -> PredicateResult:
@@ -121,13 +154,61 @@ class RedactingObserver:
         self._inner(redacted(event))
 
 
+@implementer(ILogObserver)
+class RelayLogObserver:
+    """`config`'s level filter, quiet libraries, redaction and format, in one call.
+
+    Twisted's chain (FilteringLogObserver and its predicates, RedactingObserver,
+    FileLogObserver, string.Formatter, strftime) costs ~45 us a line, and each connection
+    writes two. The relay's own events pass the library filter and redaction as they are
+    (they never carry request data): they skip both, and in text a plain one is written
+    here, the same text Twisted's observer writes (format_map, the timestamp made once a
+    second). Every other event goes through the whole chain.
+    """
+
+    def __init__(self, config: RelayConfig, out: IO[str]) -> None:
+        minimum = LEVELS[config.log_level]
+        self._passing = frozenset(level for level in LogLevel.iterconstants()
+                                  if level >= minimum)
+        self._text = config.log_format != "json"
+        self._out = out
+        self._second: int | None = None
+        self._stamp = ""
+        self._inner = textFileLogObserver(out) if self._text else JsonLinesObserver(out)
+        levels = LogLevelFilterPredicate(defaultLogLevel=minimum)
+        # A plain function serves as a predicate: the observer only calls it.
+        quiet = cast(ILogFilterPredicate, _quiet_libraries)
+        self._chain = FilteringLogObserver(RedactingObserver(self._inner), [quiet, levels])
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_level") not in self._passing:
+            return  # as LogLevelFilterPredicate would (also an event without a level)
+        namespace = event.get("log_namespace")
+        if (type(namespace) is not str or not namespace.startswith(_OWN_NAMESPACE)
+                or "log_trace" in event):
+            self._chain(event)
+            return
+        message = _plain_message(event) if self._text else None
+        if message and type(event.get("log_time")) is float:
+            # formatEventAsClassicLogText's layout
+            system = f"{namespace}#{event['log_level'].name}"
+            line = f"{self._timestamp(event['log_time'])} [{system}] {message}"
+            self._out.write(line.replace("\n", "\n\t") + "\n")
+            self._out.flush()
+        else:
+            self._inner(event)
+
+    def _timestamp(self, when: float) -> str:
+        """formatTime(when), made once a second (the format shows whole seconds)."""
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(when, timeFormatRFC3339)
+        return self._stamp
+
+
 def make_observer(config: RelayConfig, out: IO[str]) -> ILogObserver:
     """The observer for `config`'s log level and format, writing to `out`."""
-    inner = JsonLinesObserver(out) if config.log_format == "json" else textFileLogObserver(out)
-    levels = LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.log_level])
-    # A plain function serves as a predicate: the observer only calls it.
-    quiet = cast(ILogFilterPredicate, _quiet_libraries)
-    return FilteringLogObserver(RedactingObserver(inner), [quiet, levels])
+    return RelayLogObserver(config, out)
 
 
 def quiet_autobahn() -> None:

@@ -290,6 +290,12 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
             self.enqueue(data)
         return self._joined
 
+    def queue_handshake_answer(self, data: bytes) -> bool:
+        """The 101 goes out with ``connected`` (or the refusal's close frame), in one
+        write at the end of this reactor turn."""
+        self.enqueue(data)
+        return True
+
     def before_write(self) -> None:
         """The close frame goes out after the frames queued before it."""
         if self._outbox:

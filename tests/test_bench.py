@@ -39,6 +39,7 @@ from iw_relay.bench.wsclient import (
     JoinRefusedError,
     describe_failure,
     parse_bench,
+    presence_count,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +189,21 @@ def test_parse_bench():
     assert parse_bench(alone, 0, len(alone)) == (b"1", 99)
     assert parse_bench(b'{"type":"connected"}', 0, 20) is None
     assert parse_bench(b'{"type":"bench","s":1,"x":2}', 0, 28) is None
+
+
+def test_presence_count_reads_the_relays_notices_and_nothing_else():
+    from iw_relay import messages
+
+    assert presence_count(messages.user_joined("ab12", 7)) == 7
+    assert presence_count(messages.user_left("ab12", 0)) == 0
+    # the original's layout, with a field after the count
+    assert presence_count(b'{"type":"user-left","connectionId":"x","userCount":12,'
+                          b'"timestamp":5}') == 12
+    for other in (b'{"type":"connected","userCount":3}',
+                  b'{"type":"user-joined","connectionId":"x","userCount":"12"}',
+                  b'{"type":"user-joined","data":{"userCount":9},"userCount":3}',
+                  b'{"type":"user-joined","connectionId":"x"}'):
+        assert presence_count(other) is None, other
 
 
 def test_describe_failure_names_the_reason():

@@ -344,3 +344,59 @@ def test_end_of_turn_is_a_zero_delay_call_on_other_clocks():
     assert ran == []
     clock.advance(0)
     assert ran == [1]
+@pytest.mark.parametrize("lean", [True, False])
+def test_the_101_goes_out_with_connected_in_one_write(relay, monkeypatch, lean):
+    """The 101 waits for the joiner's first frame: one write (no writer to register, no
+    second send); Autobahn's own path writes them apart. A refusal still gets its answer."""
+    from twisted.test import iosim
+
+    writes: list[bytes] = []
+    write = iosim.FakeTransport.write
+
+    def recording(transport, data):
+        if transport.isServer:
+            writes.append(data)
+        write(transport, data)
+
+    monkeypatch.setattr(iosim.FakeTransport, "write", recording)
+    monkeypatch.setattr(RelayServerProtocol, "lean_writes", lean)
+    relay.join()
+    assert writes[0].startswith(b"HTTP/1.1 101 ")
+    assert (b'"type":"connected"' in writes[0]) is lean
+    writes.clear()
+    refused = relay.connect("/room/bad%20id")  # refused after the handshake: 1008
+    assert refused.close_code == 1008 and writes[0].startswith(b"HTTP/1.1 101 ")
+    assert b"".join(writes).split(b"\r\n\r\n", 1)[1][0] == 0x88  # then the close frame
+
+
+def test_connection_made_sets_what_autobahns_does_but_the_details_made_later(relay):
+    """The same state as after Autobahn's own connectionMade; the transport details,
+    made on first use, equal the ones Autobahn makes at once, and so does the peer."""
+    from twisted.internet.address import IPv4Address
+    from twisted.test import iosim
+
+    def connected(autobahns: bool):
+        protocol = relay.service.front_door.websocket.buildProtocol(None)
+        transport = iosim.FakeTransport(
+            protocol, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 3000),
+            peerAddress=IPv4Address("TCP", "198.51.100.7", 40001))
+        if autobahns:
+            protocol.connected, protocol.transport = 1, transport  # as makeConnection does
+            twisted_websocket.WebSocketAdapterProtocol.connectionMade(protocol)
+            protocol.send_queue = _autobahn._NO_SEND_QUEUE
+        else:
+            protocol.makeConnection(transport)
+        return protocol
+
+    def shape(protocol):
+        return {name: value if isinstance(value, (int, float, str, bytes, type(None)))
+                else type(value) for name, value in vars(protocol).items()}
+
+    lean, autobahns = connected(False), connected(True)
+    made_later = {"_transport_details"}
+    assert not made_later & set(vars(lean))
+    assert made_later <= set(vars(autobahns))
+    assert shape(lean) == {name: value for name, value in shape(autobahns).items()
+                           if name not in made_later}
+    assert lean.peer == autobahns.peer == "tcp4:198.51.100.7:40001"
+    assert lean._transport_details.marshal() == autobahns._transport_details.marshal()

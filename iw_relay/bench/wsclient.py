@@ -2,8 +2,8 @@
 
 picows (Cython, asyncio or uvloop) does the handshake, framing, masking, pong and the
 closing handshake; this module only counts and times what the relay delivers. Incoming
-``bench`` messages are read on the hot path without a JSON parse; everything else is
-decoded as JSON and dispatched.
+``bench`` messages and presence notices are read on the hot path without a JSON parse;
+everything else is decoded as JSON and dispatched.
 
 It replaced a hand-written client (handshake, framing, masking in Python): measured at
 the same load against the same relay, the generator's CPU per message is the same within
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from array import array
 from collections.abc import Callable
 from time import monotonic_ns
@@ -35,8 +36,18 @@ TEXT = WSMsgType.TEXT
 BINARY = WSMsgType.BINARY
 CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
+# A presence notice as both relays write it (compact JSON, type first): its user count is
+# read without a JSON parse. Rooms of 100 make ~50 of them per connection opened.
+PRESENCE = re.compile(rb'\{"type":"user-(?:joined|left)",[^{}\[\]]*?"userCount":(\d+)[,}]')
 # What a failed connection may raise: its reason is then counted, and the run goes on.
 CONNECT_ERRORS = (OSError, TimeoutError, WSError)
+
+
+def presence_count(data: bytes) -> int | None:
+    """The ``userCount`` of a ``user-joined`` or ``user-left`` notice laid out as the
+    relays write it; None for anything else (then it is decoded as JSON)."""
+    match = PRESENCE.match(data)
+    return int(match[1]) if match else None
 
 
 def parse_bench(data: bytes, start: int, end: int) -> tuple[bytes, int] | None:
@@ -170,7 +181,11 @@ class BenchClient(WSListener):
             data = frame.get_payload_as_bytes()
             parsed = parse_bench(data, 0, len(data))
             if parsed is None:
-                self._on_message(data)
+                count = presence_count(data)
+                if count is None:
+                    self._on_message(data)
+                else:
+                    self.user_count = count
                 return
             tally = self.tally
             if parsed[0] == tally.step_digits:  # the hot path
