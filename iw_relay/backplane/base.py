@@ -277,7 +277,8 @@ class Codec:
                 continue
             if kind == SEQUENCED:
                 entry, at = self._sequenced(data, at, text_key)
-                yield entry
+                if entry is not None:
+                    append(entry)
                 continue
             if kind in (JOINED, LEFT, REFUSED, UNICAST, COMMITTED):
                 connection = data[at:at + ID_LENGTH]
@@ -326,7 +327,7 @@ class Codec:
         seq = int(data[at:comma])
         frame, at = self._sized(data, comma + 1)
         if not valid_payload(frame):
-            self.dropped["payload"] += 1
+            self._drop("payload")
             return None, at
         return Entry(SEQUENCED, key, sender.decode(), frame,
                      target="" if target == NO_TARGET else target.decode(), seq=seq), at
