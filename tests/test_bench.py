@@ -38,8 +38,8 @@ from iw_relay.bench.stats import (
 from iw_relay.bench.wsclient import (
     JoinRefusedError,
     describe_failure,
+    match_presence,
     parse_bench,
-    presence_count,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +189,11 @@ def test_parse_bench():
     assert parse_bench(alone, 0, len(alone)) == (b"1", 99)
     assert parse_bench(b'{"type":"connected"}', 0, 20) is None
     assert parse_bench(b'{"type":"bench","s":1,"x":2}', 0, 28) is None
+
+
+def presence_count(data: bytes) -> int | None:
+    match = match_presence(data)
+    return int(match[1]) if match else None
 
 
 def test_presence_count_reads_the_relays_notices_and_nothing_else():

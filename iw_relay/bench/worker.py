@@ -7,6 +7,7 @@ time; every command gets exactly one reply (a dict), ``{"error": ...}`` if it fa
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
@@ -140,9 +141,16 @@ class Worker:
                 latencies.append(monotonic_ns() - started)
                 opened.append(client)
 
+        # The cyclic collector would walk every client held, again and again, while the
+        # handshakes create objects (a tenth of the generator's CPU in a connect step):
+        # it waits until the step is over. What a step allocates is bounded by its specs.
+        gc.disable()
         started = monotonic_ns()
-        await asyncio.gather(*(one(spec) for spec in specs))
-        elapsed = (monotonic_ns() - started) / 1e9
+        try:
+            await asyncio.gather(*(one(spec) for spec in specs))
+        finally:
+            elapsed = (monotonic_ns() - started) / 1e9
+            gc.enable()
         self.clients.extend(opened)
         return {"connected": len(opened), "failed": sum(problems.values()),
                 "problems": dict(problems), "elapsed_s": elapsed, "latencies": latencies}
