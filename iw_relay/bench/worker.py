@@ -124,20 +124,21 @@ class Worker:
         """Open one connection per spec (url, Host header, room, room size, sender), at
         most `inflight` handshakes at a time; time each from TCP connect to
         ``connected``. Failures are counted by reason (HTTP status, close code...)."""
-        gate = asyncio.Semaphore(max(1, inflight))
         latencies: list[int] = []
         problems: Counter[str] = Counter()
         opened: list[BenchClient] = []
+        waiting = iter(specs)
 
-        async def one(spec: tuple[str, str, str, int, bool]) -> None:
-            async with gate:
+        async def lane() -> None:
+            """One handshake after another; `inflight` lanes share the specs."""
+            for spec in waiting:
                 started = monotonic_ns()
                 try:
                     async with asyncio.timeout(timeout):
                         client = await self._open(*spec)
                 except CONNECT_ERRORS as problem:
                     problems[describe_failure(problem)] += 1
-                    return
+                    continue
                 latencies.append(monotonic_ns() - started)
                 opened.append(client)
 
@@ -147,7 +148,7 @@ class Worker:
         gc.disable()
         started = monotonic_ns()
         try:
-            await asyncio.gather(*(one(spec) for spec in specs))
+            await asyncio.gather(*(lane() for _ in range(min(max(1, inflight), len(specs)))))
         finally:
             elapsed = (monotonic_ns() - started) / 1e9
             gc.enable()
