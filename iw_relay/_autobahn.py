@@ -66,6 +66,8 @@ _CONNECTING = WebSocketProtocol.STATE_CONNECTING
 # How Autobahn's succeedHandshake starts its answer (any other start: Autobahn's write).
 _SWITCHING = b"HTTP/1.1 101 "
 _CLOSING = WebSocketProtocol.STATE_CLOSING
+#: A connection in this state writes nothing more.
+STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 
 # Autobahn's record of the opening handshake, unused once the connection is open.
@@ -289,7 +291,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
 
     #: Take simple frames on the lean path; False leaves every frame to Autobahn.
     fast_frames = True
-    #: Send through the subclass's queue (queue_frame, write_out); False leaves every
+    #: Send through the subclass's queue (queue_frame, its outbox); False leaves every
     #: write to Autobahn as it comes (tests compare the two).
     lean_writes = True
     _reading_paused = False

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from iw_relay._autobahn import end_of_turn
+from iw_relay._autobahn import STATE_CLOSED, end_of_turn, write_now
 
 
 class TurnFlusher:
@@ -28,15 +28,15 @@ class TurnFlusher:
 
     def __init__(self, clock: IReactorTime) -> None:
         self._run_after_turn = end_of_turn(clock)
-        self._dirty: list[Outbox] = []
+        #: The members with frames to write this turn (Outbox.enqueue adds to it).
+        self.dirty: list[Outbox] = []
 
-    def flush_later(self, member: Outbox) -> None:
-        if not self._dirty:
-            self._run_after_turn(self._flush)
-        self._dirty.append(member)
+    def flush_later(self) -> None:
+        """Called by the first member added to `dirty` this turn."""
+        self._run_after_turn(self._flush)
 
     def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
+        dirty, self.dirty = self.dirty, []
         for member in dirty:
             try:
                 member.flush_outbox()
@@ -49,25 +49,19 @@ class TurnFlusher:
 class Outbox:
     """Mixed into the protocol (no object of its own per connection: memory counts).
 
-    The protocol provides `transport`, `outbox_writable()` (False once closed),
-    `write_out(data)` (which writes nothing once closed), `flusher` (a TurnFlusher) and
-    `max_send_buffer` (class attributes: they are read on every send), and
-    `slow_consumer()`.
+    The protocol provides `transport`, Autobahn's `state` (nothing is written once it
+    is STATE_CLOSED), `flusher` (a TurnFlusher) and `max_send_buffer` (class
+    attributes: they are read on every send), and `slow_consumer()`.
     """
 
     transport: Any
+    state: int
     flusher: TurnFlusher
     max_send_buffer: int
     _paused = False
     _outbox: list[bytes] | None = None  # frames waiting for the end of this reactor turn
     _backlog: list[bytes] | None = None
     _backlog_bytes = 0
-
-    def outbox_writable(self) -> bool:
-        raise NotImplementedError
-
-    def write_out(self, data: bytes) -> None:
-        raise NotImplementedError
 
     def slow_consumer(self) -> None:
         raise NotImplementedError
@@ -83,7 +77,11 @@ class Outbox:
         if not self._paused:
             if self._outbox is None:
                 self._outbox = [data]
-                self.flusher.flush_later(self)
+                # TurnFlusher.flush_later's bookkeeping, inlined: once per delivery.
+                dirty = self.flusher.dirty
+                if not dirty:
+                    self.flusher.flush_later()
+                dirty.append(self)
             else:
                 self._outbox.append(data)
             return
@@ -96,9 +94,10 @@ class Outbox:
             self.slow_consumer()
 
     def flush_outbox(self) -> None:
+        """Write this turn's frames in one go (plain TCP: straight to the socket)."""
         outbox, self._outbox = self._outbox, None
-        if outbox:
-            self.write_out(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+        if outbox and self.state != STATE_CLOSED:
+            write_now(self.transport, outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     # -- IPushProducer: Twisted tells us when the peer's socket buffer is full ----------
 
@@ -111,7 +110,7 @@ class Outbox:
     def resumeProducing(self) -> None:
         self._paused = False
         backlog, self._backlog, self._backlog_bytes = self._backlog, None, 0
-        if backlog and self.outbox_writable():
+        if backlog and self.state != STATE_CLOSED:
             self.transport.write(b"".join(backlog))
 
     def stopProducing(self) -> None:

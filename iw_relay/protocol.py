@@ -39,7 +39,6 @@ from iw_relay._autobahn import (
     frame_bytes,
     prepare_frame,
     protocol_class_for,
-    write_now,
 )
 from iw_relay.admission import (
     origin_allowed,
@@ -204,8 +203,13 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
 
     def _relay(self, payload: bytes) -> None:
         factory = self.factory
-        if not self._within_rate():
-            return
+        limiter = self._limiter
+        # _within_rate's common case inlined: it runs once per message.
+        if limiter is not None:
+            now = factory.clock.seconds()
+            if not limiter.allow(now):
+                self._refused(limiter, now)
+                return
         try:
             relayed, target = messages.stamped(
                 payload, self.connection_id, int(factory.wall_clock() * 1000),
@@ -226,7 +230,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def frame_allowed(self) -> bool:
         """Pings, pongs and continuation frames count against the limit (a message's
         first frame is counted once the message is whole, in _relay)."""
-        return self._limiter is None or self._within_rate()
+        return self._within_rate()
 
     def _within_rate(self) -> bool:
         """Count one frame against the rate limit; False when it is refused.
@@ -236,13 +240,18 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         not read again before the window ends (TCP holds the rest), so a flood costs a
         bounded amount of work per window.
         """
-        factory = self.factory
         limiter = self._limiter
         if limiter is None:  # not joined yet: frames are not counted
             return True
-        now = factory.clock.seconds()
+        now = self.factory.clock.seconds()
         if limiter.allow(now):
             return True
+        self._refused(limiter, now)
+        return False
+
+    def _refused(self, limiter: TokenBucket, now: float) -> None:
+        """What follows a frame refused by the rate limit at `now` (see _within_rate)."""
+        factory = self.factory
         factory.registry.count_rate_limited()
         if limiter.first_refusal:
             flood_windows = factory.config.flood_windows
@@ -251,13 +260,12 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
                                connection_id=self.connection_id)
                 self.close(messages.CLOSE_POLICY_VIOLATION, messages.FLOOD_REASON)
                 self.pause_reading(factory.clock, None)  # nothing it sends matters now
-                return False
+                return
             self._log.info("{connection_id} is over its rate limit",
                            connection_id=self.connection_id)
             self._reply(factory.rate_limit_error)
         if limiter.overdrawn and not self.reading_paused:
             self.pause_reading(factory.clock, limiter.window_end - now)
-        return False
 
     # -- close --------------------------------------------------------------------------
 
@@ -300,13 +308,6 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         """The close frame goes out after the frames queued before it."""
         if self._outbox:
             self.flush_outbox()
-
-    def outbox_writable(self) -> bool:
-        return self.state != self.STATE_CLOSED
-
-    def write_out(self, data: bytes) -> None:
-        if self.state != self.STATE_CLOSED:
-            write_now(self.transport, data)
 
     def slow_consumer(self) -> None:
         self._log.info("{connection_id} is not reading: closed as a slow consumer",
