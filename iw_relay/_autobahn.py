@@ -402,8 +402,9 @@ class LeanServerProtocol(WebSocketServerProtocol):
             super().dataReceived(data)
             return
         start = 0
-        # Both Autobahn limits are the same number (RelayServerFactory).
-        max_size = self.maxMessagePayloadSize
+        # Both Autobahn limits are the same number (RelayServerFactory); read from the
+        # factory, as Python 3.11 reads an attribute of the connection's class slowly.
+        max_size = self.factory.maxMessagePayloadSize
         stats = self.trafficStats
         while start < len(data) and self.state == _OPEN and not self._reading_paused:
             frame = next_simple_frame(data, start, max_size)

@@ -78,9 +78,10 @@ class Outbox:
             if self._outbox is None:
                 self._outbox = [data]
                 # TurnFlusher.flush_later's bookkeeping, inlined: once per delivery.
-                dirty = self.flusher.dirty
+                flusher = self.flusher
+                dirty = flusher.dirty
                 if not dirty:
-                    self.flusher.flush_later()
+                    flusher.flush_later()
                 dirty.append(self)
             else:
                 self._outbox.append(data)

@@ -100,8 +100,6 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     _resume: tuple[str | None, str | None, str | None] | None = None
     _limiter: TokenBucket | None = None
     _joined = False
-    #: The registry's traffic counters (set on the factory's class: read per delivery).
-    traffic: RelayStats
 
     # -- admission ----------------------------------------------------------------------
 
@@ -193,7 +191,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._joined:
             return
-        self.traffic.bytesReceived += len(payload)
+        self.factory.traffic.bytesReceived += len(payload)
         try:
             self._relay(payload)
         except Exception:
@@ -282,7 +280,9 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         if self.state != _OPEN:
             return
         data = frame_bytes(frame)
-        self.traffic.bytesSent += len(data)
+        # Through the factory: attributes of the connection's class are slow to read
+        # (Python 3.11 does not specialise them) and this runs once per delivery.
+        self.factory.traffic.bytesSent += len(data)
         if self.lean_writes:
             self.enqueue(data)
         else:
@@ -358,7 +358,8 @@ class RelayServerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
         self.protocol = protocol_class_for(self, RelayServerProtocol)
+        #: The registry's traffic counters, read per message and per delivery.
+        self.traffic: RelayStats = registry.stats
         # What the outbox reads on every send, on the class (not on each connection).
         self.protocol.flusher = self.flusher
         self.protocol.max_send_buffer = config.max_send_buffer
-        self.protocol.traffic = registry.stats
