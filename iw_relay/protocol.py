@@ -360,6 +360,5 @@ class RelayServerFactory(WebSocketServerFactory):
         self.protocol = protocol_class_for(self, RelayServerProtocol)
         #: The registry's traffic counters, read per message and per delivery.
         self.traffic: RelayStats = registry.stats
-        # What the outbox reads on every send, on the class (not on each connection).
-        self.protocol.flusher = self.flusher
+        # What the outbox reads when a member is not reading, on the class.
         self.protocol.max_send_buffer = config.max_send_buffer
