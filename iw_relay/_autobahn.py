@@ -406,7 +406,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
         # factory, as Python 3.11 reads an attribute of the connection's class slowly.
         max_size = self.factory.maxMessagePayloadSize
         stats = self.trafficStats
-        while start < len(data) and self.state == _OPEN and not self._reading_paused:
+        while True:  # the state and the pause were checked above, for the first frame
             frame = next_simple_frame(data, start, max_size)
             if frame is None:
                 break
@@ -419,6 +419,8 @@ class LeanServerProtocol(WebSocketServerProtocol):
                 self._cancelAutoPingTimeoutCall()
             start = end
             self.onMessage(payload, is_binary)
+            if start == len(data) or self.state != _OPEN or self._reading_paused:
+                break
         if start < len(data):
             super().dataReceived(data[start:] if start else data)
 
