@@ -60,6 +60,7 @@ async def test_one_token_claims_once_and_the_window_decides(redis_server):
         assert keys and all(int(redis_server.command("PTTL", k)[1:]) > 0
                             for k in keys if k.startswith("iwrelay:h:"))
     finally:
+        await store.disconnect()  # its reply watchdog too
         await connection.disconnect()
 
 
@@ -73,4 +74,5 @@ async def test_a_clean_close_ends_the_session_and_only_its_node_can(redis_server
         await store.drop_session(NODE_1, KEY, A, False, LIMITS)
         assert await store.claim_session(NODE_1, KEY, A, 1, LIMITS) == "session_ended"
     finally:
+        await store.disconnect()  # its reply watchdog too
         await connection.disconnect()
