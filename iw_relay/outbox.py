@@ -45,6 +45,9 @@ class TurnFlusher:
                                   connection_id=getattr(member, "connection_id", ""))
 
 
+_PAUSED: tuple[()] = ()
+
+
 @implementer(IPushProducer)
 class Outbox:
     """Mixed into the protocol (no object of its own per connection: memory counts).
@@ -60,7 +63,9 @@ class Outbox:
     factory: Any
     max_send_buffer: int
     _paused = False
-    _outbox: list[bytes] | None = None  # frames waiting for the end of this reactor turn
+    #: Frames waiting for the end of this reactor turn; _PAUSED while the peer is not
+    #: reading (so that enqueue, once per delivery, reads one attribute, not two).
+    _outbox: list[bytes] | tuple[()] | None = None
     _backlog: list[bytes] | None = None
     _backlog_bytes = 0
 
@@ -75,17 +80,18 @@ class Outbox:
 
     def enqueue(self, data: bytes) -> None:
         """Send `data` after everything queued before it, within the backlog limit."""
-        if not self._paused:
-            if self._outbox is None:
-                self._outbox = [data]
-                # TurnFlusher.flush_later's bookkeeping, inlined: once per delivery.
-                flusher = self.factory.flusher
-                dirty = flusher.dirty
-                if not dirty:
-                    flusher.flush_later()
-                dirty.append(self)
-            else:
-                self._outbox.append(data)
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [data]
+            # TurnFlusher.flush_later's bookkeeping, inlined: once per delivery.
+            flusher = self.factory.flusher
+            dirty = flusher.dirty
+            if not dirty:
+                flusher.flush_later()
+            dirty.append(self)
+            return
+        if isinstance(outbox, list):
+            outbox.append(data)
             return
         if self._backlog is None:  # already over the limit: the member is closing
             return
@@ -97,9 +103,12 @@ class Outbox:
 
     def flush_outbox(self) -> None:
         """Write this turn's frames in one go (plain TCP: straight to the socket)."""
-        outbox, self._outbox = self._outbox, None
-        if outbox and self.state != STATE_CLOSED:
-            write_now(self.transport, outbox[0] if len(outbox) == 1 else b"".join(outbox))
+        outbox = self._outbox
+        if outbox:  # not None, not _PAUSED: this turn's frames
+            self._outbox = None
+            if self.state != STATE_CLOSED:
+                write_now(self.transport,
+                          outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     # -- IPushProducer: Twisted tells us when the peer's socket buffer is full ----------
 
@@ -107,10 +116,15 @@ class Outbox:
         """The peer's socket buffer is full (called again on every write while it is)."""
         if not self._paused:
             self._paused = True
-            self._backlog = []
+            pending, self._outbox = self._outbox, _PAUSED
+            # Frames not written yet wait in the backlog, before what follows them.
+            self._backlog = list(pending) if pending else []
+            self._backlog_bytes = sum(map(len, self._backlog))
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._outbox is _PAUSED:
+            self._outbox = None
         backlog, self._backlog, self._backlog_bytes = self._backlog, None, 0
         if backlog and self.state != STATE_CLOSED:
             self.transport.write(b"".join(backlog))
