@@ -66,6 +66,8 @@ _CONNECTING = WebSocketProtocol.STATE_CONNECTING
 # How Autobahn's succeedHandshake starts its answer (any other start: Autobahn's write).
 _SWITCHING = b"HTTP/1.1 101 "
 _CLOSING = WebSocketProtocol.STATE_CLOSING
+#: A connection in this state writes nothing more.
+STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 _CONTINUATION, _CLOSE, _PING, _PONG = 0x0, 0x8, 0x9, 0xA
 
 # Autobahn's record of the opening handshake, unused once the connection is open.
@@ -289,7 +291,7 @@ class LeanServerProtocol(WebSocketServerProtocol):
 
     #: Take simple frames on the lean path; False leaves every frame to Autobahn.
     fast_frames = True
-    #: Send through the subclass's queue (queue_frame, write_out); False leaves every
+    #: Send through the subclass's queue (queue_frame, its outbox); False leaves every
     #: write to Autobahn as it comes (tests compare the two).
     lean_writes = True
     _reading_paused = False
@@ -400,10 +402,11 @@ class LeanServerProtocol(WebSocketServerProtocol):
             super().dataReceived(data)
             return
         start = 0
-        # Both Autobahn limits are the same number (RelayServerFactory).
-        max_size = self.maxMessagePayloadSize
+        # Both Autobahn limits are the same number (RelayServerFactory); read from the
+        # factory, as Python 3.11 reads an attribute of the connection's class slowly.
+        max_size = self.factory.maxMessagePayloadSize
         stats = self.trafficStats
-        while start < len(data) and self.state == _OPEN and not self._reading_paused:
+        while True:  # the state and the pause were checked above, for the first frame
             frame = next_simple_frame(data, start, max_size)
             if frame is None:
                 break
@@ -416,6 +419,8 @@ class LeanServerProtocol(WebSocketServerProtocol):
                 self._cancelAutoPingTimeoutCall()
             start = end
             self.onMessage(payload, is_binary)
+            if start == len(data) or self.state != _OPEN or self._reading_paused:
+                break
         if start < len(data):
             super().dataReceived(data[start:] if start else data)
 

@@ -15,16 +15,6 @@ _FIN = 0x80
 _MASKED = 0x80
 
 
-def unmask(masked: bytes, key: bytes) -> bytes:
-    """XOR with the repeated 4-byte key, as one big-integer operation (C speed)."""
-    length = len(masked)
-    if not length:
-        return b""
-    stream = (key * ((length + 3) // 4))[:length]
-    return (int.from_bytes(masked, "little") ^ int.from_bytes(stream, "little")).to_bytes(
-        length, "little")
-
-
 def next_simple_frame(data: bytes, start: int, max_size: int
                       ) -> tuple[bytes, bool, int] | None:
     """(payload, is_binary, end) for a simple frame at `data[start:]`, else None.
@@ -52,8 +42,12 @@ def next_simple_frame(data: bytes, start: int, max_size: int
     end = start + header + length
     if end > len(data) or (max_size and length > max_size):
         return None
+    # Unmasked as one big-integer XOR with the repeated 4-byte key (C speed), inline:
+    # this runs once per message.
     key = data[start + header - 4:start + header]
-    payload = unmask(data[start + header:end], key)
+    masked = int.from_bytes(data[start + header:end], "little")
+    stream = int.from_bytes((key * ((length + 3) // 4))[:length], "little")
+    payload = (masked ^ stream).to_bytes(length, "little")
     if opcode == _TEXT and not payload.isascii():  # ASCII is valid UTF-8 (and far cheaper)
         try:
             payload.decode("utf-8")

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from iw_relay._autobahn import end_of_turn
+from iw_relay._autobahn import STATE_CLOSED, end_of_turn, write_now
 
 
 class TurnFlusher:
@@ -28,15 +28,15 @@ class TurnFlusher:
 
     def __init__(self, clock: IReactorTime) -> None:
         self._run_after_turn = end_of_turn(clock)
-        self._dirty: list[Outbox] = []
+        #: The members with frames to write this turn (Outbox.enqueue adds to it).
+        self.dirty: list[Outbox] = []
 
-    def flush_later(self, member: Outbox) -> None:
-        if not self._dirty:
-            self._run_after_turn(self._flush)
-        self._dirty.append(member)
+    def flush_later(self) -> None:
+        """Called by the first member added to `dirty` this turn."""
+        self._run_after_turn(self._flush)
 
     def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
+        dirty, self.dirty = self.dirty, []
         for member in dirty:
             try:
                 member.flush_outbox()
@@ -45,29 +45,29 @@ class TurnFlusher:
                                   connection_id=getattr(member, "connection_id", ""))
 
 
+_PAUSED: tuple[()] = ()
+
+
 @implementer(IPushProducer)
 class Outbox:
     """Mixed into the protocol (no object of its own per connection: memory counts).
 
-    The protocol provides `transport`, `outbox_writable()` (False once closed),
-    `write_out(data)` (which writes nothing once closed), `flusher` (a TurnFlusher) and
-    `max_send_buffer` (class attributes: they are read on every send), and
-    `slow_consumer()`.
+    The protocol provides `transport`, Autobahn's `state` (nothing is written once it
+    is STATE_CLOSED), `factory.flusher` (the TurnFlusher its factory's connections
+    share: read on every send, and Python 3.11 reads an instance's attribute faster
+    than its class's), `max_send_buffer` (a class attribute) and `slow_consumer()`.
     """
 
     transport: Any
-    flusher: TurnFlusher
+    state: int
+    factory: Any
     max_send_buffer: int
     _paused = False
-    _outbox: list[bytes] | None = None  # frames waiting for the end of this reactor turn
+    #: Frames waiting for the end of this reactor turn; _PAUSED while the peer is not
+    #: reading (so that enqueue, once per delivery, reads one attribute, not two).
+    _outbox: list[bytes] | tuple[()] | None = None
     _backlog: list[bytes] | None = None
     _backlog_bytes = 0
-
-    def outbox_writable(self) -> bool:
-        raise NotImplementedError
-
-    def write_out(self, data: bytes) -> None:
-        raise NotImplementedError
 
     def slow_consumer(self) -> None:
         raise NotImplementedError
@@ -80,12 +80,18 @@ class Outbox:
 
     def enqueue(self, data: bytes) -> None:
         """Send `data` after everything queued before it, within the backlog limit."""
-        if not self._paused:
-            if self._outbox is None:
-                self._outbox = [data]
-                self.flusher.flush_later(self)
-            else:
-                self._outbox.append(data)
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [data]
+            # TurnFlusher.flush_later's bookkeeping, inlined: once per delivery.
+            flusher = self.factory.flusher
+            dirty = flusher.dirty
+            if not dirty:
+                flusher.flush_later()
+            dirty.append(self)
+            return
+        if isinstance(outbox, list):
+            outbox.append(data)
             return
         if self._backlog is None:  # already over the limit: the member is closing
             return
@@ -96,9 +102,13 @@ class Outbox:
             self.slow_consumer()
 
     def flush_outbox(self) -> None:
-        outbox, self._outbox = self._outbox, None
-        if outbox:
-            self.write_out(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+        """Write this turn's frames in one go (plain TCP: straight to the socket)."""
+        outbox = self._outbox
+        if outbox:  # not None, not _PAUSED: this turn's frames
+            self._outbox = None
+            if self.state != STATE_CLOSED:
+                write_now(self.transport,
+                          outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     # -- IPushProducer: Twisted tells us when the peer's socket buffer is full ----------
 
@@ -106,12 +116,17 @@ class Outbox:
         """The peer's socket buffer is full (called again on every write while it is)."""
         if not self._paused:
             self._paused = True
-            self._backlog = []
+            pending, self._outbox = self._outbox, _PAUSED
+            # Frames not written yet wait in the backlog, before what follows them.
+            self._backlog = list(pending) if pending else []
+            self._backlog_bytes = sum(map(len, self._backlog))
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._outbox is _PAUSED:
+            self._outbox = None
         backlog, self._backlog, self._backlog_bytes = self._backlog, None, 0
-        if backlog and self.outbox_writable():
+        if backlog and self.state != STATE_CLOSED:
             self.transport.write(b"".join(backlog))
 
     def stopProducing(self) -> None:

@@ -39,7 +39,6 @@ from iw_relay._autobahn import (
     frame_bytes,
     prepare_frame,
     protocol_class_for,
-    write_now,
 )
 from iw_relay.admission import (
     origin_allowed,
@@ -101,8 +100,6 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     _resume: tuple[str | None, str | None, str | None] | None = None
     _limiter: TokenBucket | None = None
     _joined = False
-    #: The registry's traffic counters (set on the factory's class: read per delivery).
-    traffic: RelayStats
 
     # -- admission ----------------------------------------------------------------------
 
@@ -194,7 +191,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._joined:
             return
-        self.traffic.bytesReceived += len(payload)
+        self.factory.traffic.bytesReceived += len(payload)
         try:
             self._relay(payload)
         except Exception:
@@ -204,8 +201,13 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
 
     def _relay(self, payload: bytes) -> None:
         factory = self.factory
-        if not self._within_rate():
-            return
+        limiter = self._limiter
+        # _within_rate's common case inlined: it runs once per message.
+        if limiter is not None:
+            now = factory.clock.seconds()
+            if not limiter.allow(now):
+                self._refused(limiter, now)
+                return
         try:
             relayed, target = messages.stamped(
                 payload, self.connection_id, int(factory.wall_clock() * 1000),
@@ -226,7 +228,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     def frame_allowed(self) -> bool:
         """Pings, pongs and continuation frames count against the limit (a message's
         first frame is counted once the message is whole, in _relay)."""
-        return self._limiter is None or self._within_rate()
+        return self._within_rate()
 
     def _within_rate(self) -> bool:
         """Count one frame against the rate limit; False when it is refused.
@@ -236,13 +238,18 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         not read again before the window ends (TCP holds the rest), so a flood costs a
         bounded amount of work per window.
         """
-        factory = self.factory
         limiter = self._limiter
         if limiter is None:  # not joined yet: frames are not counted
             return True
-        now = factory.clock.seconds()
+        now = self.factory.clock.seconds()
         if limiter.allow(now):
             return True
+        self._refused(limiter, now)
+        return False
+
+    def _refused(self, limiter: TokenBucket, now: float) -> None:
+        """What follows a frame refused by the rate limit at `now` (see _within_rate)."""
+        factory = self.factory
         factory.registry.count_rate_limited()
         if limiter.first_refusal:
             flood_windows = factory.config.flood_windows
@@ -251,13 +258,12 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
                                connection_id=self.connection_id)
                 self.close(messages.CLOSE_POLICY_VIOLATION, messages.FLOOD_REASON)
                 self.pause_reading(factory.clock, None)  # nothing it sends matters now
-                return False
+                return
             self._log.info("{connection_id} is over its rate limit",
                            connection_id=self.connection_id)
             self._reply(factory.rate_limit_error)
         if limiter.overdrawn and not self.reading_paused:
             self.pause_reading(factory.clock, limiter.window_end - now)
-        return False
 
     # -- close --------------------------------------------------------------------------
 
@@ -274,7 +280,9 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         if self.state != _OPEN:
             return
         data = frame_bytes(frame)
-        self.traffic.bytesSent += len(data)
+        # Through the factory: attributes of the connection's class are slow to read
+        # (Python 3.11 does not specialise them) and this runs once per delivery.
+        self.factory.traffic.bytesSent += len(data)
         if self.lean_writes:
             self.enqueue(data)
         else:
@@ -300,13 +308,6 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         """The close frame goes out after the frames queued before it."""
         if self._outbox:
             self.flush_outbox()
-
-    def outbox_writable(self) -> bool:
-        return self.state != self.STATE_CLOSED
-
-    def write_out(self, data: bytes) -> None:
-        if self.state != self.STATE_CLOSED:
-            write_now(self.transport, data)
 
     def slow_consumer(self) -> None:
         self._log.info("{connection_id} is not reading: closed as a slow consumer",
@@ -357,7 +358,7 @@ class RelayServerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
         self.protocol = protocol_class_for(self, RelayServerProtocol)
-        # What the outbox reads on every send, on the class (not on each connection).
-        self.protocol.flusher = self.flusher
+        #: The registry's traffic counters, read per message and per delivery.
+        self.traffic: RelayStats = registry.stats
+        # What the outbox reads when a member is not reading, on the class.
         self.protocol.max_send_buffer = config.max_send_buffer
-        self.protocol.traffic = registry.stats

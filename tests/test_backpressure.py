@@ -100,3 +100,48 @@ async def test_pongs_to_a_peer_that_does_not_read_are_bounded_like_relayed_frame
                 and registry.connections.total == 0, "the pinger to be dropped", 14)
     pinger.transport.abortConnection()
     await pinger.lost
+
+
+class _Transport:
+    """Just what Outbox uses of a transport; not plain TCP, so write_now calls write()."""
+
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+
+def test_frames_queued_before_a_pause_wait_in_the_backlog_in_order():
+    """A pause can only come from a write, when nothing is queued; should frames be
+    waiting anyway, they go out after the pause, before the later ones, and count."""
+    from twisted.internet.task import Clock
+
+    from iw_relay.outbox import Outbox, TurnFlusher
+
+    class Member(Outbox):
+        state = 1  # open
+        max_send_buffer = 10
+
+        def __init__(self):
+            self.transport = _Transport()
+            self.factory = type("Factory", (), {"flusher": TurnFlusher(Clock())})()
+            self.slow = False
+
+        def slow_consumer(self):
+            self.slow = True
+
+    member = Member()
+    member.enqueue(b"a")
+    member.pauseProducing()
+    member.enqueue(b"b")
+    member.flush_outbox()  # the end of the turn: nothing is written while paused
+    assert member.transport.written == [] and member._backlog_bytes == 2
+    member.resumeProducing()
+    assert member.transport.written == [b"ab"]
+    member.enqueue(b"c")
+    member.flush_outbox()
+    assert member.transport.written == [b"ab", b"c"]
+    member.pauseProducing()
+    member.enqueue(b"x" * 11)
+    assert member.slow
