@@ -11,36 +11,46 @@ from __future__ import annotations
 import re
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, Relay, chromium, open_page
+from tests.browser import TIMEOUT_MS, Relay, chromium, launched_chromium, open_page
 from tests.cutting_proxy import CuttingProxy
 from tests.page_server import PageServer
+
+
+@contextmanager
+def browser_and_relay(relay: Relay, init_script: str = ""):
+    """(browser, page server, relay, proxy in front of the relay); every page the
+    browser opens runs `init_script` first."""
+    pages = PageServer()
+    proxy = CuttingProxy(relay.port)
+    try:
+        with launched_chromium() as browser:
+            if init_script:
+                original = browser.new_context
+
+                def new_context(**kwargs):
+                    context = original(**kwargs)
+                    context.add_init_script(init_script)
+                    return context
+
+                browser.new_context = new_context
+            yield browser, pages, relay, proxy
+    finally:
+        proxy.stop()
+        pages.stop()
+        relay.kill()
 
 
 @pytest.fixture
 def world(tmp_path):
     """(browser, page server, relay, proxy in front of the relay)."""
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-
-    relay = Relay(tmp_path)
-    pages = PageServer()
-    proxy = CuttingProxy(relay.port)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=browser_path,
-                                                 args=CHROMIUM_ARGS, timeout=30_000)
-            try:
-                yield browser, pages, relay, proxy
-            finally:
-                browser.close()
-    finally:
-        proxy.stop()
-        pages.stop()
-        relay.kill()
+    chromium()  # skip before starting anything
+    with browser_and_relay(Relay(tmp_path)) as world:
+        yield world
 
 
 # The same scenario, run with the browser's WebSocket and with IWRelaySocket: what the
@@ -352,35 +362,11 @@ def recovering_relay(tmp_path: Path, window: str = "30s") -> Relay:
 
 @pytest.fixture
 def recovering_world(request, tmp_path):
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-
+    chromium()  # skip before starting anything
     overlap = getattr(request, "param", 0)
-    relay = recovering_relay(tmp_path)
-    pages = PageServer()
-    proxy = CuttingProxy(relay.port)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=browser_path,
-                                                 args=CHROMIUM_ARGS, timeout=30_000)
-            if overlap:
-                original = browser.new_context
-
-                def new_context(**kwargs):
-                    context = original(**kwargs)
-                    context.add_init_script(OVERLAP_SCRIPT
-                                            + f"window.__overlap = {int(overlap)};")
-                    return context
-
-                browser.new_context = new_context
-            try:
-                yield browser, pages, relay, proxy
-            finally:
-                browser.close()
-    finally:
-        proxy.stop()
-        pages.stop()
-        relay.kill()
+    script = OVERLAP_SCRIPT + f"window.__overlap = {int(overlap)};" if overlap else ""
+    with browser_and_relay(recovering_relay(tmp_path), script) as world:
+        yield world
 
 
 # Records what the application sees, with either class; on close, an app that uses a
@@ -522,31 +508,18 @@ def test_on_server_shutdown_it_leaves_at_once_so_that_the_relay_drains_quickly(t
     to leave; what they sent until then is relayed. IWRelaySocket leaves at once (and
     resumes elsewhere): the relay stops long before its drain timeout, and what the
     application sends meanwhile waits for the resume."""
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-
+    chromium()  # skip before starting anything
     relay = Relay(tmp_path, "--recovery-window", "30s", "--drain-timeout", "20s")
-    pages = PageServer()
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=browser_path,
-                                                 args=CHROMIUM_ARGS, timeout=30_000)
-            try:
-                page = open_page(browser, pages)
-                page.evaluate(APP, ["IWRelaySocket",
-                                    f"ws://127.0.0.1:{relay.port}/room/draining"])
-                page.wait_for_function("window.messages.length === 1")
-                relay.process.send_signal(signal.SIGTERM)
-                assert relay.process.wait(10) == 0  # not the 20 s drain: it left
-                page.wait_for_function("window.socket._phase === 'recovering'")
-                page.evaluate("window.sendOps('later', 1, 0)")
-                assert page.evaluate("window.socket.bufferedAmount") > 0
-                assert page.evaluate("window.events") == ["open"]
-            finally:
-                browser.close()
-    finally:
-        pages.stop()
-        relay.kill()
+    with browser_and_relay(relay) as (browser, pages, _, _):
+        page = open_page(browser, pages)
+        page.evaluate(APP, ["IWRelaySocket", f"ws://127.0.0.1:{relay.port}/room/draining"])
+        page.wait_for_function("window.messages.length === 1")
+        relay.process.send_signal(signal.SIGTERM)
+        assert relay.process.wait(10) == 0  # not the 20 s drain: it left
+        page.wait_for_function("window.socket._phase === 'recovering'")
+        page.evaluate("window.sendOps('later', 1, 0)")
+        assert page.evaluate("window.socket.bufferedAmount") > 0
+        assert page.evaluate("window.events") == ["open"]
 
 
 def test_the_same_cut_with_a_plain_websocket_loses_messages(recovering_world):
@@ -585,81 +558,56 @@ def test_a_failed_recovery_shows_close_then_open_and_a_fresh_connected(tmp_path)
     """The window (0.5 s) passes while the page is cut off: the relay answers the resume
     with a fresh join (recovered: false); the application sees close, open, and the new
     "connected", and what it sent while down belonged to the lost session (dropped)."""
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-
-    relay = recovering_relay(tmp_path, "0.5s")
-    pages = PageServer()
-    proxy = CuttingProxy(relay.port)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=browser_path,
-                                                 args=CHROMIUM_ARGS, timeout=30_000)
-            try:
-                page, peer = open_page(browser, pages), open_page(browser, pages)
-                url = f"ws://127.0.0.1:{proxy.port}/room/failing"
-                page.evaluate(APP, ["IWRelaySocket", url])
-                page.wait_for_function("window.messages.length === 1")
-                peer.evaluate(APP, ["IWRelaySocket",
-                                    f"ws://127.0.0.1:{relay.port}/room/failing"])
-                peer.wait_for_function("window.messages.length === 1")
-                page.evaluate("""() => { window.recoveries = [];
-                  window.socket.addEventListener("recovery",
-                    (e) => window.recoveries.push(e.detail.recovered)); }""")
-                proxy.cut(refuse_for=2.0)
-                page.wait_for_function("window.socket._phase === 'recovering'")
-                page.evaluate("window.sendOps('lost-', 3, 0)")
-                page.wait_for_function("window.events.length === 3", timeout=30_000)
-                assert page.evaluate("window.events") == ["open", "close", "open"]
-                assert page.evaluate("window.recoveries") == [False]
-                connected = page.evaluate(
-                    "window.messages.filter((m) => m.type === 'connected')")
-                assert len(connected) == 2 and connected[1]["recovered"] is False
-                assert connected[1]["connectionId"] != connected[0]["connectionId"]
-                assert page.evaluate("window.socket.readyState") == 1
-                page.evaluate("window.sendOps('new-', 1, 0)")
-                peer.wait_for_function("window.ops('new-').length === 1")
-                assert peer.evaluate("window.ops('lost-')") == []
-                kinds = peer.evaluate("window.messages.map((m) => m.type)")
-                assert kinds.count("user-left") == 1  # the old member, after its window
-                assert relay.stats()["recoveriesFailed"] == {"session_ended": 1}
-            finally:
-                browser.close()
-    finally:
-        proxy.stop()
-        pages.stop()
-        relay.kill()
+    chromium()  # skip before starting anything
+    with browser_and_relay(recovering_relay(tmp_path, "0.5s")) as (browser, pages, relay, proxy):
+        page, peer = open_page(browser, pages), open_page(browser, pages)
+        url = f"ws://127.0.0.1:{proxy.port}/room/failing"
+        page.evaluate(APP, ["IWRelaySocket", url])
+        page.wait_for_function("window.messages.length === 1")
+        peer.evaluate(APP, ["IWRelaySocket",
+                            f"ws://127.0.0.1:{relay.port}/room/failing"])
+        peer.wait_for_function("window.messages.length === 1")
+        page.evaluate("""() => { window.recoveries = [];
+          window.socket.addEventListener("recovery",
+            (e) => window.recoveries.push(e.detail.recovered)); }""")
+        proxy.cut(refuse_for=2.0)
+        page.wait_for_function("window.socket._phase === 'recovering'")
+        page.evaluate("window.sendOps('lost-', 3, 0)")
+        page.wait_for_function("window.events.length === 3", timeout=30_000)
+        assert page.evaluate("window.events") == ["open", "close", "open"]
+        assert page.evaluate("window.recoveries") == [False]
+        connected = page.evaluate(
+            "window.messages.filter((m) => m.type === 'connected')")
+        assert len(connected) == 2 and connected[1]["recovered"] is False
+        assert connected[1]["connectionId"] != connected[0]["connectionId"]
+        assert page.evaluate("window.socket.readyState") == 1
+        page.evaluate("window.sendOps('new-', 1, 0)")
+        peer.wait_for_function("window.ops('new-').length === 1")
+        assert peer.evaluate("window.ops('lost-')") == []
+        kinds = peer.evaluate("window.messages.map((m) => m.type)")
+        assert kinds.count("user-left") == 1  # the old member, after its window
+        assert relay.stats()["recoveriesFailed"] == {"session_ended": 1}
 
 
 def test_the_demo_page_uses_iwrelaysocket_and_shows_it_recovered(tmp_path):
     """/demo, loaded through the cutting proxy from a relay with recovery on: a cut is
     recovered (the page says so) and counted by the relay."""
-    browser_path = chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
+    chromium()  # skip before starting anything
     relay = Relay(tmp_path, "--demo", "--recovery-window", "30s")
-    proxy = CuttingProxy(relay.port)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=browser_path,
-                                                 args=CHROMIUM_ARGS, timeout=30_000)
-            try:
-                cut = browser.new_context().new_page()
-                cut.set_default_timeout(TIMEOUT_MS)
-                errors: list[str] = []
-                cut.on("pageerror", lambda error: errors.append(str(error)))
-                cut.goto(f"http://127.0.0.1:{proxy.port}/demo#demo-recovery")
-                # (the page's CSP forbids eval: no string predicates here)
-                expect(cut.locator("#recovery")).to_have_text("on", timeout=TIMEOUT_MS)
-                assert cut.evaluate("typeof IWRelaySocket") == "function"
-                proxy.cut(refuse_for=2.0)
-                expect(cut.locator("#recovery")).to_have_text("recovered after a drop",
-                                                              timeout=30_000)
-                assert "recovered" in cut.locator("#log").text_content()
-                assert relay.stats()["recoveriesSucceeded"] == 1
-                assert errors == []
-            finally:
-                browser.close()
-    finally:
-        proxy.stop()
-        relay.kill()
+    with browser_and_relay(relay) as (browser, _, _, proxy):
+        cut = browser.new_context().new_page()
+        cut.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        cut.on("pageerror", lambda error: errors.append(str(error)))
+        cut.goto(f"http://127.0.0.1:{proxy.port}/demo#demo-recovery")
+        # (the page's CSP forbids eval: no string predicates here)
+        expect(cut.locator("#recovery")).to_have_text("on", timeout=TIMEOUT_MS)
+        assert cut.evaluate("typeof IWRelaySocket") == "function"
+        proxy.cut(refuse_for=2.0)
+        expect(cut.locator("#recovery")).to_have_text("recovered after a drop",
+                                                      timeout=30_000)
+        assert "recovered" in cut.locator("#log").text_content()
+        assert relay.stats()["recoveriesSucceeded"] == 1
+        assert errors == []

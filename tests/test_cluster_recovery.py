@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, chromium, open_page
+from tests.browser import chromium, launched_chromium, open_page
 from tests.cluster_harness import Cluster, Node, get, poll
 from tests.cutting_proxy import CuttingProxy
 from tests.page_server import PageServer
@@ -59,18 +59,11 @@ APP = """
 
 @pytest.fixture
 def browser():
-    browser_path = chromium()
-    from playwright.sync_api import sync_playwright
-
+    chromium()  # skip before starting anything
     pages = PageServer()
     try:
-        with sync_playwright() as playwright:
-            launched = playwright.chromium.launch(executable_path=browser_path,
-                                                  args=CHROMIUM_ARGS, timeout=30_000)
-            try:
-                yield launched, pages
-            finally:
-                launched.close()
+        with launched_chromium() as launched:
+            yield launched, pages
     finally:
         pages.stop()
 
