@@ -1,8 +1,9 @@
 """iw-relay: a WebSocket relay for real-time collaborative editing (Twisted + Autobahn)."""
 
-from iw_relay._autobahn import tune_autobahn
+from iw_relay._autobahn import lean_reactor_dispatch, tune_autobahn
 from iw_relay.config import RelayConfig
 from iw_relay.service import RelayService
 
 __version__ = "0.1.0"
-__all__ = ["RelayConfig", "RelayService", "__version__", "tune_autobahn"]
+__all__ = ["RelayConfig", "RelayService", "__version__", "lean_reactor_dispatch",
+           "tune_autobahn"]

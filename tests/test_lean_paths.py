@@ -64,10 +64,20 @@ def test_building_the_relay_leaves_autobahn_as_it_was(monkeypatch):
     assert twisted_websocket.hltype is _autobahn._hltype
 
 
-def test_the_twistd_plugin_tunes_autobahn():
+def test_the_twistd_plugin_tunes_autobahn_and_the_reactor(monkeypatch):
+    """makeService (what `twistd iwrelay` runs) opts in to both process-wide changes."""
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+
     from iw_relay import tap
 
-    assert "tune_autobahn" in tap.makeService.__code__.co_names
+    calls = []
+    monkeypatch.setattr(tap, "tune_autobahn", lambda: calls.append("tune_autobahn"))
+    monkeypatch.setattr(tap, "lean_reactor_dispatch", calls.append)
+    options = tap.Options(environ={}, reactor=Clock())
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
+    tap.makeService(options)
+    assert calls == ["tune_autobahn", reactor]
 
 
 # -- lean paths against Autobahn's own -------------------------------------------------------
@@ -300,10 +310,7 @@ def test_the_lean_dispatch_does_what_twisteds_does(outcome):
     assert theirs[0][0] == ("read", b"ready")
 
 
-def test_the_twistd_plugin_makes_the_dispatch_lean_and_only_on_epoll():
-    from iw_relay import tap
-
-    assert "lean_reactor_dispatch" in tap.makeService.__code__.co_names
+def test_the_lean_dispatch_is_only_for_the_epoll_reactor():
     assert _autobahn.lean_reactor_dispatch(object()) is False
 
 
