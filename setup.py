@@ -1,8 +1,14 @@
+import re
+
 from setuptools import find_packages, setup
+
+# One version, iw_relay.__version__ (read, not imported: the dependencies may be missing).
+with open("iw_relay/__init__.py", encoding="utf-8") as init:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', init.read(), re.M).group(1)
 
 setup(
     name="iw-relay",
-    version="0.1.0",
+    version=VERSION,
     description="WebSocket relay for real-time collaborative editing (Twisted + Autobahn)",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",

@@ -130,3 +130,15 @@ def test_docs_build_without_warnings(tmp_path):
     for page in ("index", "protocol", "configuration", "operations", "security", "scaling",
                  "performance", "signaling", "embedding", "changelog"):
         assert (tmp_path / "html" / f"{page}.html").exists(), page
+
+
+def test_package_version_is_the_changelogs_latest_release():
+    """setup.py takes iw_relay.__version__; the changelog's first heading names it."""
+    import iw_relay
+
+    changelog = (ROOT / "docs" / "changelog.rst").read_text(encoding="utf-8")
+    first = re.search(r"^(\d+\.\d+\.\d+) \((unreleased|[^)]*)\)$", changelog, re.M)
+    assert first is not None, "docs/changelog.rst has no release heading"
+    release, when = first.groups()
+    expected = release + (".dev0" if when == "unreleased" else "")
+    assert iw_relay.__version__ == expected
