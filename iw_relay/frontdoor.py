@@ -72,9 +72,10 @@ _SINGLETONS = frozenset((
     b"sec-websocket-key", b"sec-websocket-version", b"authorization",
 ))
 _PHRASES = {
-    400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
-    414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
+    400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    406: b"Not Acceptable", 408: b"Request Timeout", 413: b"Content Too Large",
+    414: b"URI Too Long", 426: b"Upgrade Required", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
 }
 #: What a refused connection reads on the wire, per limit (the keys are the refusal
 #: reasons counted in /metrics).
@@ -175,8 +176,9 @@ def parse_head(head: bytes) -> RequestHead:
 def error_response(status: int, body: bytes = b"",
                    headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     """A complete HTTP/1.1 answer that closes the connection."""
-    body = body or _PHRASES[status]
-    lines = [b"HTTP/1.1 %d %s" % (status, _PHRASES[status] if status != 503 else body),
+    phrase = _PHRASES.get(status, b"Error")
+    body = body or phrase
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase if status != 503 else body),
              b"Server: iw-relay", b"Connection: close", b"Content-Type: text/plain",
              b"X-Content-Type-Options: nosniff", b"Content-Length: %d" % len(body),
              *(name + b": " + value for name, value in headers)]

@@ -46,6 +46,7 @@ from iw_relay.admission import (
     token_allows,
 )
 from iw_relay.config import RelayConfig
+from iw_relay.frontdoor import error_response
 from iw_relay.outbox import Outbox, TurnFlusher
 from iw_relay.ratelimit import TokenBucket
 from iw_relay.registry import RelayStats, RoomRegistry, room_hash
@@ -297,6 +298,15 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         if self._joined:
             self.enqueue(data)
         return self._joined
+
+    def sendHttpErrorResponse(self, code: int, reason: str,
+                              responseHeaders: Any = None) -> None:
+        """Autobahn's refusals (a foreign origin's 403, draining's 503, a bad upgrade's
+        400 or 426) answered as the front door answers: a body, a length, no sniffing."""
+        headers = tuple((str(name).encode("latin-1", "replace"),
+                         str(value).encode("latin-1", "replace"))
+                        for name, value in responseHeaders or ())
+        self.sendData(error_response(code, reason.encode("utf-8", "replace"), headers))
 
     def queue_handshake_answer(self, data: bytes) -> bool:
         """The 101 goes out with ``connected`` (or the refusal's close frame), in one

@@ -661,3 +661,24 @@ async def test_ipv6_through_the_front_door():
     finally:
         await listening.stopListening()
         await service.stopService()
+
+
+@pytest.mark.parametrize(("extra", "code"), [
+    (b"Origin: https://evil.example\r\n", 403),           # refused by the relay's _admit
+    (b"Sec-WebSocket-Version: 12\r\n", 400),            # refused by Autobahn's handshake
+])
+@pytest_twisted.ensureDeferred
+async def test_websocket_refusals_are_answered_like_the_front_doors(serve, extra, code):
+    _service, port = await serve(config(allowed_origins=("https://editor.example.org",)))
+    head = upgrade(b"/room/abc", extra)
+    if b"Version" in extra:
+        head = head.replace(b"Sec-WebSocket-Version: 13\r\n", b"", 1)
+    response = await exchange(port, head)
+    assert status(response) == code
+    headers = headers_of(response)
+    assert headers[b"server"] == [b"iw-relay"]
+    assert headers[b"x-content-type-options"] == [b"nosniff"]
+    assert headers[b"content-type"] == [b"text/plain"]
+    assert int(headers[b"content-length"][0]) > 0
+    if code == 400:  # Autobahn's own header, kept: the versions it speaks
+        assert headers[b"sec-websocket-version"]
