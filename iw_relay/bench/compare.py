@@ -64,10 +64,11 @@ def relay_command(port: int, extra: Sequence[str]) -> list[str]:
 
 
 class Server:
-    """One server process on 127.0.0.1:`port`, pinned to `cpu`, its output in a file."""
+    """One server process on 127.0.0.1:`port`, pinned to `cpu` (None: not pinned), its
+    output in a file."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int,
-                 cpu: int, workdir: Path) -> None:
+                 cpu: int | None, workdir: Path) -> None:
         self.name = name
         self.argv = argv
         self.port = port
@@ -87,19 +88,23 @@ class Server:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    def ready(self) -> bool:
+        """Whether /health answers 200 (both implementations serve it)."""
+        try:
+            with urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until /health answers 200 (both implementations serve it)."""
+        """Until `ready()`, or BenchError once the process exits or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 raise runner.BenchError(f"{self.name} exited with {self.process.returncode}:"
                                         f"\n{self.log_tail()}")
-            try:
-                with urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
+            if self.ready():
+                return
             if time.monotonic() > deadline:
                 raise runner.BenchError(f"{self.name} did not answer /health within "
                                         f"{timeout:g}s:\n{self.log_tail()}")
@@ -123,8 +128,9 @@ class Server:
                 self.process.wait(5)
 
 
-def _child_setup(cpu: int) -> None:
-    os.sched_setaffinity(0, {cpu})
+def _child_setup(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     raise_fd_limit()
 
 
