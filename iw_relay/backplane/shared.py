@@ -73,7 +73,9 @@ class Store(Protocol):
     """Shared state and inboxes. Every command returns a Deferred, or raises
     ConnectionError at once when the store is unreachable."""
 
-    in_flight: int
+    @property
+    def in_flight(self) -> int:
+        """Commands awaiting a reply, and publishes not yet known to be taken."""
 
     def connect(self, node: str, link: StoreLink) -> None: ...
 
@@ -100,7 +102,8 @@ class Store(Protocol):
 
     def forget(self, node: str) -> Deferred[Any]: ...
 
-    def publish(self, node: str, envelope: bytes) -> Deferred[Any]: ...
+    def publish(self, node: str, envelope: bytes) -> None:
+        """Sent at once, with no reply; counted in `in_flight` until confirmed."""
 
     # Connection recovery (iw_relay.cluster_recovery); `key` is the room's hash.
 
@@ -494,8 +497,7 @@ class SharedBackplane:
             return
         try:
             for node, entries in outbox.items():
-                self.store.publish(node, self._header + b"".join(entries)).addErrback(
-                    lambda failure: None)  # the connection's loss is handled there
+                self.store.publish(node, self._header + b"".join(entries))
         except ConnectionError:
             self._not_sent(messages)
 
