@@ -1,7 +1,9 @@
 """The Redis backplane (``--redis URL``): nodes share rooms through one Redis.
 
 Each node keeps two connections (txredisapi, replies parsed by hiredis): one for
-commands, one subscribed to the node's own inbox channel. Presence goes through Lua
+commands, one subscribed to the node's own inbox channel. Relayed messages are published
+with ``CLIENT REPLY SKIP`` (no reply to read, so no reactor turn of its own) and
+confirmed by a ``PING`` (`CONFIRM_AFTER`). Presence goes through Lua
 scripts (package data files in ``lua/``) that change the room's member hash and tell the
 nodes concerned in one atomic step; relayed messages are published straight to the inbox
 of each node that has members of the room, batched per turn (see `shared`).

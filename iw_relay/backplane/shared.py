@@ -8,8 +8,9 @@ outgoing messages, heartbeats and the dead-node check, and the repair after an o
 - Batching: relayed messages are queued per destination node and sent at the end of the
   reactor turn as one envelope (one PUBLISH per destination node per turn). Presence
   scripts flush the queue first, so a member's messages always precede its departure.
-- A bounded queue: at most `queue_size` store commands await a reply; past that,
-  messages for other nodes are dropped and counted; local relaying never waits.
+- A bounded queue: at most `queue_size` store commands await a reply or, for publishes
+  (which have none), a confirmation; past that, messages for other nodes are dropped
+  and counted; local relaying never waits.
 - Outage: while the store is unreachable, joins are committed at once with what this
   node knows, leaves are remembered, messages for other nodes are counted as dropped.
   Once the store is back the node writes its members back (one script per room),
