@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
 from iw_relay.backplane.local import LocalBackplane
@@ -26,6 +27,7 @@ from iw_relay.service import RelayService
 from iw_relay.tap import Options
 from tests.helpers import until
 from tests.members import Member, h
+from tests.redis_process import RedisServer
 
 
 def publish_count(server, command: str = "publish") -> int:
@@ -291,6 +293,27 @@ async def test_publishes_are_unanswered_and_confirmed_by_one_ping(cluster, redis
     await until(lambda: a.backplane.store.in_flight == 0, "the publishes confirmed")
     assert publish_count(redis_server, r"client\|reply") - skips == 20  # CLIENT REPLY SKIP each
     assert publish_count(redis_server, "ping") - pings <= 2  # not one per PUBLISH
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_without_client_reply_skip_is_refused(tmp_path):
+    """Publishes rely on CLIENT REPLY SKIP; a Redis where CLIENT is renamed away would
+    answer them out of step with the commands' replies: the node never joins it."""
+    server = RedisServer(tmp_path, "--rename-command", "CLIENT", "").start()
+    cluster = Cluster(server.url)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    a = cluster.node()
+    try:
+        await until(lambda: any("CLIENT REPLY SKIP" in formatEvent(e) for e in events),
+                    "the refusal logged")
+        await deferLater(reactor, 0.3, lambda: None)  # a reconnection, refused again
+        assert a.backplane.state == "disconnected"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await a.stopService()
+        await deferLater(reactor, 0.05, lambda: None)
+        server.kill()
 
 
 def test_the_single_node_backplane_stays_the_default():
