@@ -295,12 +295,18 @@ async def test_publishes_are_unanswered_and_confirmed_by_one_ping(cluster, redis
     assert publish_count(redis_server, "ping") - pings <= 2  # not one per PUBLISH
 
 
+@pytest.fixture
+def redis_without_client(tmp_path):
+    server = RedisServer(tmp_path, "--rename-command", "CLIENT", "").start()
+    yield server
+    server.kill()
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_redis_without_client_reply_skip_is_refused(tmp_path):
+async def test_a_redis_without_client_reply_skip_is_refused(redis_without_client):
     """Publishes rely on CLIENT REPLY SKIP; a Redis where CLIENT is renamed away would
     answer them out of step with the commands' replies: the node never joins it."""
-    server = RedisServer(tmp_path, "--rename-command", "CLIENT", "").start()
-    cluster = Cluster(server.url)
+    cluster = Cluster(redis_without_client.url)
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     a = cluster.node()
@@ -313,7 +319,6 @@ async def test_a_redis_without_client_reply_skip_is_refused(tmp_path):
         globalLogPublisher.removeObserver(events.append)
         await a.stopService()
         await deferLater(reactor, 0.05, lambda: None)
-        server.kill()
 
 
 def test_the_single_node_backplane_stays_the_default():
