@@ -293,6 +293,10 @@ async def test_publishes_are_unanswered_and_confirmed_by_one_ping(cluster, redis
     await until(lambda: a.backplane.store.in_flight == 0, "the publishes confirmed")
     assert publish_count(redis_server, r"client\|reply") - skips == 20  # CLIENT REPLY SKIP each
     assert publish_count(redis_server, "ping") - pings <= 2  # not one per PUBLISH
+    # With no reply to carry Redis's ACK, Nagle would hold each PUBLISH written while the
+    # previous one is unacknowledged until Redis's delayed ACK, 40 ms later.
+    sock = a.backplane.store.commands.transport.getHandle()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from iw_relay._autobahn import write_now
+from iw_relay._autobahn import set_tcp_nodelay, write_now
 from iw_relay.backplane.shared import (
     HEARTBEATS_TO_DEATH,
     Claimed,
@@ -120,6 +120,12 @@ class _Commands(txredisapi.RedisProtocol):
         CLIENT REPLY SKIP (its only reply is then this PONG)."""
         write_now(self.transport, (REPLY_SKIP + PING if skip_first else b"") + PING)
         return self.replyQueue.get()
+
+    def connectionMade(self) -> None:
+        # Nagle off: with no reply to carry Redis's ACK back, a PUBLISH written while the
+        # previous one is unacknowledged would wait for Redis's delayed ACK (40 ms).
+        set_tcp_nodelay(self.transport)
+        super().connectionMade()
 
     def connectionLost(self, why: object) -> None:
         super().connectionLost(why)
