@@ -219,18 +219,9 @@ def add_compare_parser(scenarios: Any) -> None:
                         help="CPU the server is pinned to [default: %(default)s]")
     parser.add_argument("--generator-cpu", type=int, default=1,
                         help="CPU the load generator is pinned to [default: %(default)s]")
-    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
-                        help="an extra option for iw-relay's twistd plugin (repeatable), "
-                             "e.g. --relay-arg=--log-level=warn")
+    add_fixed_load_options(parser, 40_000.0, 3.0, 3600.0)
     parser.add_argument("--connect-clients", type=int, default=10_000)
     parser.add_argument("--inflight", type=int, default=200)
-    parser.add_argument("--deliveries", type=float, default=40_000.0,
-                        help="fixed deliveries/s of fanout and bigroom [default: %(default)s]")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of the measured sending step [default: %(default)s]")
-    parser.add_argument("--warmup", type=float, default=3.0,
-                        help="seconds of sending before it, not measured "
-                             "[default: %(default)s]")
     parser.add_argument("--fanout-clients", type=int, default=500)
     parser.add_argument("--fanout-rooms", type=int, default=100)
     parser.add_argument("--bigroom-clients", type=int, default=200)
@@ -240,8 +231,23 @@ def add_compare_parser(scenarios: Any) -> None:
     parser.add_argument("--idle-hold", type=float, default=2.0,
                         help="seconds between the last idle connection and the RSS "
                              "reading [default: %(default)s]")
-    parser.add_argument("--deadline", type=float, default=3600.0,
-                        help="the whole comparison stops after this many seconds "
+
+
+def add_fixed_load_options(parser: argparse.ArgumentParser, deliveries: float,
+                           warmup: float, deadline: float) -> None:
+    """What compare and efficiency share: fresh relays measured at a fixed load."""
+    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
+                        help="an extra option for iw-relay's twistd plugin (repeatable), "
+                             "e.g. --relay-arg=--log-level=warn")
+    parser.add_argument("--deliveries", type=float, default=deliveries,
+                        help="fixed deliveries/s [default: %(default)s]")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of the measured sending step [default: %(default)s]")
+    parser.add_argument("--warmup", type=float, default=warmup,
+                        help="seconds of sending before it, not measured "
+                             "[default: %(default)s]")
+    parser.add_argument("--deadline", type=float, default=deadline,
+                        help="the whole command stops after this many seconds "
                              "[default: %(default)s]")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write every run's figures to FILE as JSON")
@@ -264,27 +270,14 @@ def add_efficiency_parser(scenarios: Any) -> None:
                              + " [default: all]")
     parser.add_argument("--clients", type=int, default=400)
     parser.add_argument("--rooms", type=int, default=100)
-    parser.add_argument("--deliveries", type=float, default=20_000.0,
-                        help="fixed deliveries/s [default: %(default)s]")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of the measured sending step [default: %(default)s]")
-    parser.add_argument("--warmup", type=float, default=2.0,
-                        help="seconds of sending before it, not measured "
-                             "[default: %(default)s]")
+    add_fixed_load_options(parser, 20_000.0, 2.0, 1800.0)
     parser.add_argument("--workers", type=int, default=1,
                         help="generator processes [default: %(default)s]")
     parser.add_argument("--redis-server", default="redis-server",
                         help="redis-server binary [default: %(default)s]")
-    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
-                        help="an extra option for every node (repeatable)")
     parser.add_argument("--lock", type=Path, metavar="FILE",
                         help="hold an exclusive flock on FILE while each setup runs, so "
                              "that other benchmarks taking it never overlap one")
-    parser.add_argument("--deadline", type=float, default=1800.0,
-                        help="the whole command stops after this many seconds "
-                             "[default: %(default)s]")
-    parser.add_argument("--json", type=Path, metavar="FILE",
-                        help="also write every run's figures to FILE as JSON")
 
 
 class Printer:

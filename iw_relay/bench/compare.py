@@ -225,12 +225,8 @@ class Plan:
                     shape = (args.bigroom_clients, 1, args.bigroom_senders)
                 result = runner.run_rooms(settings, _ignore, figure, *shape,
                                           target_deliveries=[args.deliveries])
-                step = result.steps[-1] if result.steps else None
-                if step is None:
-                    found.notes.append(result.summary.get("refusal", "no step ran"))
+                if measured_step(result, found.values, found.notes) is None:
                     return found
-                found.values, notes = delivery_figures(step)
-                found.notes.extend(notes)
             elif figure == "idle":
                 settings = self.settings(server, 300, connect_timeout=120,
                                          inflight=args.inflight, max_steps=5)
@@ -251,6 +247,20 @@ class Plan:
 
 def _ignore(_: StepReport) -> None:
     pass
+
+
+def measured_step(result: runner.Result, values: dict[str, float | None],
+                  notes: list[str]) -> StepReport | None:
+    """A fixed-load run's last step, its figures added to `values` and `notes`; None
+    (and why, in `notes`) when no step ran."""
+    step = result.steps[-1] if result.steps else None
+    if step is None:
+        notes.append(result.summary.get("refusal", "no step ran"))
+        return None
+    figures, found = delivery_figures(step)
+    values.update(figures)
+    notes.extend(found)
+    return step
 
 
 def delivery_figures(step: StepReport) -> tuple[dict[str, float | None], list[str]]:
@@ -389,17 +399,24 @@ def versions(args: argparse.Namespace) -> dict[str, str]:
     return found
 
 
+def chosen(option: str, text: str, known: Sequence[str], runs: int) -> list[str]:
+    """The comma-separated names of `text`, each among `known`, else BenchError (as
+    for `runs` under 1)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = set(names) - set(known)
+    if unknown or not names:
+        raise runner.BenchError(f"{option}: unknown {sorted(unknown)} (one of "
+                                f"{', '.join(known)})")
+    if runs < 1:
+        raise runner.BenchError("--runs must be at least 1")
+    return names
+
+
 def check(args: argparse.Namespace) -> list[str]:
     """The figures to run; BenchError for what cannot work on this machine."""
-    figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    unknown = set(figures) - set(FIGURES)
-    if unknown or not figures:
-        raise runner.BenchError(f"--figures: unknown {sorted(unknown)} (one of "
-                                f"{', '.join(FIGURES)})")
+    figures = chosen("--figures", args.figures, FIGURES, args.runs)
     if not args.original.is_file():
         raise runner.BenchError(f"--original {args.original}: no such file")
-    if args.runs < 1:
-        raise runner.BenchError("--runs must be at least 1")
     usable = os.sched_getaffinity(0)
     for option, cpu in (("--server-cpu", args.server_cpu),
                         ("--generator-cpu", args.generator_cpu)):

@@ -38,9 +38,10 @@ from iw_relay.bench import runner
 from iw_relay.bench.cli import EFFICIENCY_SETUPS
 from iw_relay.bench.compare import (
     Server,
-    delivery_figures,
+    chosen,
     free_port,
     machine_state,
+    measured_step,
     relay_command,
     relay_root,
 )
@@ -172,12 +173,9 @@ class Plan:
                 connect_timeout=60)
             result = runner.run_rooms(settings, _ignore, "fanout", args.clients, args.rooms,
                                       None, target_deliveries=[args.deliveries])
-            step = result.steps[-1] if result.steps else None
+            step = measured_step(result, found.values, found.notes)
             if step is None:
-                found.notes.append(result.summary.get("refusal", "no step ran"))
                 return found
-            found.values, notes = delivery_figures(step)
-            found.notes.extend(notes)
             found.values["redis_us_per_delivery"] = _redis_share(step, redis)
             if redis is not None:
                 publishes = redis.publishes()
@@ -286,13 +284,7 @@ def table(measurements: Sequence[Measurement], setups: Sequence[str]
 
 def check(args: argparse.Namespace) -> list[str]:
     """The setups to run; BenchError for what cannot work."""
-    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    unknown = set(setups) - set(BY_NAME)
-    if unknown or not setups:
-        raise runner.BenchError(f"--setups: unknown {sorted(unknown)} (among "
-                                f"{', '.join(BY_NAME)})")
-    if args.runs < 1:
-        raise runner.BenchError("--runs must be at least 1")
+    setups = chosen("--setups", args.setups, EFFICIENCY_SETUPS, args.runs)
     if any(BY_NAME[s].redis for s in setups) and not shutil.which(args.redis_server):
         raise runner.BenchError(f"--redis-server {args.redis_server}: not found")
     return setups
