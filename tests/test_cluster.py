@@ -319,6 +319,7 @@ async def test_a_redis_without_client_reply_skip_is_refused(redis_without_client
                     "the refusal logged")
         await deferLater(reactor, 0.3, lambda: None)  # a reconnection, refused again
         assert a.backplane.state == "disconnected"
+        assert a.backplane._generation == 0  # never linked, not even for a turn
     finally:
         globalLogPublisher.removeObserver(events.append)
         await a.stopService()

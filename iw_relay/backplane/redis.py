@@ -280,18 +280,20 @@ class RedisStore:
             return protocol.ping_lean(skip_first=True).addCallback(self._skips, protocol)
         return protocol.subscribe(INBOX + self._node).addCallback(lambda _: protocol)
 
-    def _skips(self, reply: Any, protocol: _Commands) -> _Commands:
+    def _skips(self, reply: Any, protocol: _Commands) -> _Commands | None:
         """Publishes are sent with CLIENT REPLY SKIP: a Redis that does not take it
-        (before 3.2, or CLIENT renamed away) would answer them, out of step."""
+        (before 3.2, or CLIENT renamed away) would answer them, out of step. None: the
+        link is dropped (and made again, with backoff), never usable."""
         if reply not in (b"PONG", "PONG"):
             self._log.error("Redis does not take CLIENT REPLY SKIP ({reply!r}): the "
                             "cluster needs Redis 3.2 or later with CLIENT allowed",
                             reply=reply)
             protocol.transport.abortConnection()
+            return None
         return protocol
 
-    def _usable(self, protocol: txredisapi.BaseRedisProtocol) -> None:
-        if not protocol.connected:
+    def _usable(self, protocol: txredisapi.BaseRedisProtocol | None) -> None:
+        if protocol is None or not protocol.connected:
             return
         if isinstance(protocol, _Subscriber):
             self.subscriber = protocol
