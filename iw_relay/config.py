@@ -307,8 +307,10 @@ OPTIONS: tuple[Option, ...] = (
            _CLUSTER + "how often this node tells Redis it is alive; a node silent for "
            "three periods is dead and its members leave.", "DURATION"),
     Option("redis-queue-size", "redis_queue_size", parse_positive_int, "10000",
-           _CLUSTER + "commands awaiting Redis's reply before further messages for "
-           "other nodes are dropped and counted.", "N"),
+           _CLUSTER + "commands awaiting Redis's reply, and messages for other nodes "
+           "that Redis has not yet confirmed taking (a PUBLISH has no reply: one PING "
+           "50 ms after the first unconfirmed one confirms them all), before further "
+           "messages for other nodes are dropped and counted.", "N"),
     Option("turn-secret", "turn_secret", _secret, None,
            "TURN REST API shared secret (coturn's static-auth-secret): /ice-servers hands "
            "out time-limited TURN credentials. Prefer --turn-secret-file.", "SECRET"),

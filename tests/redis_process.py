@@ -34,8 +34,9 @@ def redis_binary() -> str:
 class RedisServer:
     """One redis-server process; `restart()` keeps the port (and loses every key)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *options: str) -> None:
         self.binary = redis_binary()
+        self.options = list(options)
         self.workdir = workdir
         self.port = free_port()
         self.process: subprocess.Popen | None = None
@@ -50,7 +51,7 @@ class RedisServer:
         log = open(self.workdir / f"redis-{self.port}-{self.starts}.log", "wb")
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.options],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

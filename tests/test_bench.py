@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip(
     "picows", reason="the benchmark needs the [bench] extra: pip install '.[bench]'")
 
-from iw_relay.bench import cli, compare, procstat, runner
+from iw_relay.bench import cli, compare, efficiency, procstat, runner
 from iw_relay.bench.stats import (
     ProcessUsage,
     StepReport,
@@ -600,3 +600,53 @@ def test_compare_runs_both_and_stops_every_server(tmp_path):
     assert rows[("idle", "bytes_per_connection")]["iw-relay_median"] is not None
     for row in summary["rows"]:
         assert ("-" if row["ratio"] is None else f"{row['ratio']:.2f}x") in text
+
+
+def test_efficiency_table_is_per_run_ratios():
+    """Efficiencies are the ratio in each run, then their median and spread."""
+    cpu = {"two": [10.0, 12.0, 11.0], "redis-room": [10.0, 12.0, 22.0],
+           "redis-split": [20.0, 20.0, 22.0], "one": [20.0, 12.0, 11.0]}
+    found = [efficiency.Measurement(setup, run, {"cpu_us_per_delivery": values[run - 1],
+                                                 "p99_ms": 1.0})
+             for setup, values in cpu.items() for run in (1, 2, 3)]
+    text, figures = efficiency.table(found, list(cli.EFFICIENCY_SETUPS))
+    ratios = figures["efficiencies"]
+    assert ratios["efficiency, rooms on one node (target 0.9)"] == {
+        "values": [1.0, 1.0, 0.5], "median": 1.0}
+    assert ratios["efficiency, rooms split (target 0.6)"]["values"] == [0.5, 0.6, 0.5]
+    assert "0.50 (0.50-0.60)" in text and "11.00 (10.00-12.00)" in text
+
+
+def test_efficiency_runs_every_setup_and_stops_every_server(tmp_path):
+    """The whole command at tiny scale: a fresh redis-server and fresh nodes for every
+    setup, every figure > 0, and no process left running afterwards."""
+    from tests.redis_process import redis_binary
+
+    report = tmp_path / "efficiency.json"
+    out = io.StringIO()
+    result = cli.run(["efficiency", "--runs", "1", "--clients", "8", "--rooms", "2",
+                      "--deliveries", "600", "--duration", "1.5", "--warmup", "0.3",
+                      "--redis-server", redis_binary(), "--json", str(report),
+                      "--deadline", "200"], out=out, err=io.StringIO())
+    summary = json.loads(report.read_text())
+    assert summary["setups"] == result.summary["setups"]
+    runs = summary["runs"]
+    assert [r["setup"] for r in runs] == list(cli.EFFICIENCY_SETUPS)
+    assert [len(r["pids"]) for r in runs] == [1, 2, 3, 3]  # the nodes, then redis-server
+    pids = [pid for r in runs for pid in r["pids"]]
+    assert len(set(pids)) == len(pids)  # fresh servers every time
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    for found in runs:
+        assert not [n for n in found["notes"] if "lagged" not in n], found
+        assert found["values"]["loss"] == 0
+        assert found["values"]["cpu_us_per_delivery"] > 0
+    for name, setup in summary["setups"].items():
+        assert setup["cpu_us_per_delivery_median"] > 0, name
+    split = next(r for r in runs if r["setup"] == "redis-split")["values"]
+    assert split["publish_per_s"] > 0 and split["messages_per_publish"] > 0
+    assert len(summary["efficiencies"]) == 3
+    for label, ratio in summary["efficiencies"].items():
+        assert ratio["median"] > 0
+        assert label in out.getvalue()

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
 from iw_relay.backplane.local import LocalBackplane
@@ -26,10 +27,12 @@ from iw_relay.service import RelayService
 from iw_relay.tap import Options
 from tests.helpers import until
 from tests.members import Member, h
+from tests.redis_process import RedisServer
 
 
-def publish_count(server) -> int:
-    """PUBLISH commands Redis has run, from INFO commandstats (scripts' own not counted)."""
+def publish_count(server, command: str = "publish") -> int:
+    """PUBLISH (or `command`) commands Redis has run, from INFO commandstats (scripts'
+    own not counted)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as conn:
         conn.sendall(b"INFO commandstats\r\n")
         data = b""
@@ -38,7 +41,7 @@ def publish_count(server) -> int:
             if data.startswith(b"$") and len(data.split(b"\r\n", 1)[-1]) >= int(
                     data[1:data.index(b"\r\n")]):
                 break
-    found = re.search(rb"cmdstat_publish:calls=(\d+)", data)
+    found = re.search(rb"cmdstat_%s:calls=(\d+)" % command.encode(), data)
     return int(found.group(1)) if found else 0
 
 
@@ -268,6 +271,59 @@ async def test_a_redis_that_answers_no_publish_is_dropped_after_three_heartbeats
     finally:
         redis_server.resume()
     await cluster.connected()
+
+
+@pytest_twisted.ensureDeferred
+async def test_publishes_are_unanswered_and_confirmed_by_one_ping(cluster, redis_server):
+    """A PUBLISH costs its node no reply to read (CLIENT REPLY SKIP): the publishes of
+    twenty turns count as in flight until one PING's answer confirms them all."""
+    a, b = cluster.node(), cluster.node()
+    await cluster.connected()
+    a1 = await joined(Member(a, "a1"), "room")
+    b1 = await joined(Member(b, "b1"), "room")
+    await until(lambda: a.rooms["room"].nodes, "a knows b1")
+    await until(lambda: a.backplane.store.in_flight == 0, "a idle")
+    skips = publish_count(redis_server, r"client\|reply")
+    pings = publish_count(redis_server, "ping")
+    for n in range(20):  # twenty reactor turns: one PUBLISH each
+        a.broadcast(a1, json.dumps({"type": "op", "n": n}).encode())
+        await deferLater(reactor, 0, lambda: None)
+    assert a.backplane.store.in_flight == 20
+    await until(lambda: [m["n"] for m in b1.of("op")] == list(range(20)), "all relayed")
+    await until(lambda: a.backplane.store.in_flight == 0, "the publishes confirmed")
+    assert publish_count(redis_server, r"client\|reply") - skips == 20  # CLIENT REPLY SKIP each
+    assert publish_count(redis_server, "ping") - pings <= 2  # not one per PUBLISH
+    # With no reply to carry Redis's ACK, Nagle would hold each PUBLISH written while the
+    # previous one is unacknowledged until Redis's delayed ACK, 40 ms later.
+    sock = a.backplane.store.commands.transport.getHandle()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest.fixture
+def redis_without_client(tmp_path):
+    server = RedisServer(tmp_path, "--rename-command", "CLIENT", "").start()
+    yield server
+    server.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_without_client_reply_skip_is_refused(redis_without_client):
+    """Publishes rely on CLIENT REPLY SKIP; a Redis where CLIENT is renamed away would
+    answer them out of step with the commands' replies: the node never joins it."""
+    cluster = Cluster(redis_without_client.url)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    a = cluster.node()
+    try:
+        await until(lambda: any("CLIENT REPLY SKIP" in formatEvent(e) for e in events),
+                    "the refusal logged")
+        await deferLater(reactor, 0.3, lambda: None)  # a reconnection, refused again
+        assert a.backplane.state == "disconnected"
+        assert a.backplane._generation == 0  # never linked, not even for a turn
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await a.stopService()
+        await deferLater(reactor, 0.05, lambda: None)
 
 
 def test_the_single_node_backplane_stays_the_default():

@@ -1,7 +1,9 @@
 """The Redis backplane (``--redis URL``): nodes share rooms through one Redis.
 
 Each node keeps two connections (txredisapi, replies parsed by hiredis): one for
-commands, one subscribed to the node's own inbox channel. Presence goes through Lua
+commands, one subscribed to the node's own inbox channel. Relayed messages are published
+with ``CLIENT REPLY SKIP`` (no reply to read, so no reactor turn of its own) and
+confirmed by a ``PING`` (`CONFIRM_AFTER`). Presence goes through Lua
 scripts (package data files in ``lua/``) that change the room's member hash and tell the
 nodes concerned in one atomic step; relayed messages are published straight to the inbox
 of each node that has members of the room, batched per turn (see `shared`).
@@ -44,8 +46,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from iw_relay._autobahn import write_now
+from iw_relay._autobahn import set_tcp_nodelay, write_now
 from iw_relay.backplane.shared import (
     HEARTBEATS_TO_DEATH,
     Claimed,
@@ -91,18 +94,38 @@ def redis_settings(url: str) -> dict[str, Any]:
     }
 
 
+#: Sent before a PUBLISH: Redis then writes no reply to it (Redis >= 3.2).
+REPLY_SKIP = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
+PING = b"*1\r\n$4\r\nPING\r\n"
+#: Unanswered publishes are confirmed by one PING this long after the first of them.
+CONFIRM_AFTER = 0.05
+
+
 class _Commands(txredisapi.RedisProtocol):
-    def publish_lean(self, channel: bytes, envelope: bytes) -> Deferred[Any]:
-        """PUBLISH without txredisapi's per-command machinery (a command builder, three
-        Deferreds and a timer per command, 20 us): it runs once per destination node per
-        reactor turn. It is sent at once (`write_now`, behind anything buffered), and its
-        reply is taken from txredisapi's queue, in order with the other commands';
-        `RedisStore`'s watchdog replaces the timer."""
+    def publish_unanswered(self, channel: bytes, envelope: bytes) -> None:
+        """PUBLISH with no reply: no reply to read means no reactor turn of its own on
+        this node and no write by Redis, once per destination node per turn (those were
+        a third of a cross-node message's cost). Written at once (`write_now`, behind
+        anything buffered), so it keeps its place among the other commands; nothing is
+        put on txredisapi's reply queue, whose replies stay in step. `RedisStore`
+        confirms publishes with a PING, and bounds those not yet confirmed."""
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
-        write_now(self.transport, b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            len(channel), channel, len(envelope), envelope))
+        write_now(self.transport, REPLY_SKIP + b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n"
+                  b"$%d\r\n%s\r\n" % (len(channel), channel, len(envelope), envelope))
+
+    def ping_lean(self, skip_first: bool = False) -> Deferred[Any]:
+        """PING without txredisapi's per-command timer (`RedisStore`'s watchdog watches
+        it); with `skip_first`, after a reply-less PING: what checks that Redis takes
+        CLIENT REPLY SKIP (its only reply is then this PONG)."""
+        write_now(self.transport, (REPLY_SKIP + PING if skip_first else b"") + PING)
         return self.replyQueue.get()
+
+    def connectionMade(self) -> None:
+        # Nagle off: with no reply to carry Redis's ACK back, a PUBLISH written while the
+        # previous one is unacknowledged would wait for Redis's delayed ACK (40 ms).
+        set_tcp_nodelay(self.transport)
+        super().connectionMade()
 
     def connectionLost(self, why: object) -> None:
         super().connectionLost(why)
@@ -110,18 +133,41 @@ class _Commands(txredisapi.RedisProtocol):
 
 
 def _check_txredisapi() -> None:
-    """`_Commands.publish_lean` shares txredisapi's reply queue: fail at import, not on
-    the first message, if a txredisapi release renames it."""
+    """`_Commands.ping_lean` shares txredisapi's reply queue, `_Subscriber` reads from
+    its hiredis reader: fail at import, not on the first message, if a txredisapi
+    release renames them."""
     queue = getattr(txredisapi.RedisProtocol(), "replyQueue", None)
     if not (callable(getattr(queue, "get", None)) and hasattr(queue, "waiting")):
         raise ImportError("this txredisapi has no RedisProtocol.replyQueue: "
                           "iw_relay.backplane.redis needs updating")
+    subscriber = txredisapi.SubscriberProtocol()
+    reader = getattr(subscriber, "_reader", None)
+    if not (callable(getattr(reader, "feed", None)) and callable(getattr(reader, "gets", None))
+            and callable(getattr(subscriber, "tryConvertData", None))
+            and callable(getattr(subscriber, "handleTransactionData", None))):
+        raise ImportError("this txredisapi's SubscriberProtocol has no hiredis _reader "
+                          "(is hiredis installed?): iw_relay.backplane.redis needs updating")
 
 
 _check_txredisapi()
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        """The inbox's messages straight from hiredis's reader to the store: txredisapi's
+        conversions and dispatch cost a fifth of reading one (the inbox's channel is
+        ours, its messages bytes); anything else (SUBSCRIBE's answer) takes its path."""
+        if not data:
+            return
+        reader = self._reader
+        reader.feed(data)
+        received = self.factory.store._received
+        while (reply := reader.gets()) is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                received(reply[2])
+            else:
+                self.replyReceived(self.handleTransactionData(self.tryConvertData(reply)))
+
     def messageReceived(self, pattern: object, channel: bytes, message: bytes) -> None:
         self.factory.store._received(message)
 
@@ -163,7 +209,8 @@ class _RedisFactory(Factory):
 
 class RedisStore:
     """Two links to Redis (commands, and the inbox subscription), reconnected with
-    backoff; `in_flight` counts the commands awaiting a reply."""
+    backoff; `in_flight` counts the commands awaiting a reply and the publishes not yet
+    confirmed."""
 
     _log = Logger()
 
@@ -171,7 +218,12 @@ class RedisStore:
         self.settings = redis_settings(url)
         self.commands: _Commands | None = None
         self.subscriber: _Subscriber | None = None
-        self.in_flight = 0
+        self._awaiting = 0
+        #: Publishes sent on this link, those a PONG confirmed, and the PING's timer.
+        self._published = 0
+        self._confirmed = 0
+        self._confirming = False
+        self._confirm_call: Any = None
         self.reply_timeout = reply_timeout
         self._reactor = reactor
         #: Replies received so far, and the timer that checks they keep coming.
@@ -190,6 +242,10 @@ class RedisStore:
         ]
 
     @property
+    def in_flight(self) -> int:
+        return self._awaiting + self._published - self._confirmed
+
+    @property
     def usable(self) -> bool:
         return self.commands is not None and self.subscriber is not None
 
@@ -201,9 +257,10 @@ class RedisStore:
             service.startService()
 
     def disconnect(self) -> Deferred[Any]:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        for call in (self._watchdog, self._confirm_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._watchdog = self._confirm_call = None
         return gatherResults([service.stopService() for service in self._services],
                              consumeErrors=True)
 
@@ -219,18 +276,31 @@ class RedisStore:
         return protocol.whenConnected().addCallback(self._listen).addCallback(self._usable)
 
     def _listen(self, protocol: txredisapi.BaseRedisProtocol) -> Any:
-        if not isinstance(protocol, _Subscriber):
-            return protocol
+        if isinstance(protocol, _Commands):
+            return protocol.ping_lean(skip_first=True).addCallback(self._skips, protocol)
         return protocol.subscribe(INBOX + self._node).addCallback(lambda _: protocol)
 
-    def _usable(self, protocol: txredisapi.BaseRedisProtocol) -> None:
-        if not protocol.connected:
+    def _skips(self, reply: Any, protocol: _Commands) -> _Commands | None:
+        """Publishes are sent with CLIENT REPLY SKIP: a Redis that does not take it
+        (before 3.2, or CLIENT renamed away) would answer them, out of step. None: the
+        link is dropped (and made again, with backoff), never usable."""
+        if reply not in (b"PONG", "PONG"):
+            self._log.error("Redis does not take CLIENT REPLY SKIP ({reply!r}): the "
+                            "cluster needs Redis 3.2 or later with CLIENT allowed",
+                            reply=reply)
+            protocol.transport.abortConnection()
+            return None
+        return protocol
+
+    def _usable(self, protocol: txredisapi.BaseRedisProtocol | None) -> None:
+        if protocol is None or not protocol.connected:
             return
         if isinstance(protocol, _Subscriber):
             self.subscriber = protocol
         else:
             self.commands = protocol
-            self.in_flight = 0
+            self._awaiting = self._published = self._confirmed = 0
+            self._confirming = False
         if self.usable:
             self._link.linked()
 
@@ -260,15 +330,18 @@ class RedisStore:
         return commands
 
     def _sent(self, commands: _Commands, done: Deferred[Any]) -> Deferred[Any]:
-        self.in_flight += 1
+        self._awaiting += 1
+        self._watch(commands)
+        return done.addBoth(self._answered, commands)
+
+    def _watch(self, commands: _Commands) -> None:
         if self._watchdog is None:
             self._watchdog = self._reactor.callLater(
                 self.reply_timeout, self._check_answers, commands, self._answers)
-        return done.addBoth(self._answered, commands)
 
     def _answered(self, result: Any, commands: object) -> Any:
         if commands is self.commands:
-            self.in_flight -= 1
+            self._awaiting -= 1
             self._answers += 1
         return result
 
@@ -290,13 +363,38 @@ class RedisStore:
         commands = self._commands()
         return self._sent(commands, commands.eval(SCRIPTS[script], keys, args))
 
-    def publish(self, node: str, envelope: bytes) -> Deferred[Any]:
+    def publish(self, node: str, envelope: bytes) -> None:
         commands = self._commands()
         try:
-            done = commands.publish_lean((INBOX + node).encode(), envelope)
+            commands.publish_unanswered((INBOX + node).encode(), envelope)
         except txredisapi.ConnectionError as problem:
             raise StoreUnreachableError(str(problem)) from None
-        return self._sent(commands, done)
+        self._published += 1
+        if self._confirm_call is None and not self._confirming:
+            self._confirm_call = self._reactor.callLater(CONFIRM_AFTER, self._confirm,
+                                                         commands)
+        self._watch(commands)
+
+    def _confirm(self, commands: _Commands) -> None:
+        """One PING for the publishes sent so far: its PONG says Redis has taken them
+        (it answers in order), and is what the watchdog sees of a live Redis."""
+        self._confirm_call = None
+        if commands is not self.commands or not commands.connected:
+            return
+        self._confirming = True
+        commands.ping_lean().addBoth(self._confirmed_up_to, commands, self._published)
+
+    def _confirmed_up_to(self, reply: Any, commands: _Commands, published: int) -> None:
+        if commands is not self.commands:
+            return
+        self._confirming = False
+        if isinstance(reply, Failure):  # the connection is lost: its loss is handled
+            return
+        self._answers += 1
+        self._confirmed = published
+        if self._published > published:
+            self._confirm_call = self._reactor.callLater(CONFIRM_AFTER, self._confirm,
+                                                         commands)
 
     def join(self, node: str, key: str, connection_id: str, deadline: float, ttl_ms: int,
              max_size: int) -> Deferred[Any]:

@@ -8,8 +8,9 @@ outgoing messages, heartbeats and the dead-node check, and the repair after an o
 - Batching: relayed messages are queued per destination node and sent at the end of the
   reactor turn as one envelope (one PUBLISH per destination node per turn). Presence
   scripts flush the queue first, so a member's messages always precede its departure.
-- A bounded queue: at most `queue_size` store commands await a reply; past that,
-  messages for other nodes are dropped and counted; local relaying never waits.
+- A bounded queue: at most `queue_size` store commands await a reply or, for publishes
+  (which have none), a confirmation; past that, messages for other nodes are dropped
+  and counted; local relaying never waits.
 - Outage: while the store is unreachable, joins are committed at once with what this
   node knows, leaves are remembered, messages for other nodes are counted as dropped.
   Once the store is back the node writes its members back (one script per room),
@@ -73,7 +74,9 @@ class Store(Protocol):
     """Shared state and inboxes. Every command returns a Deferred, or raises
     ConnectionError at once when the store is unreachable."""
 
-    in_flight: int
+    @property
+    def in_flight(self) -> int:
+        """Commands awaiting a reply, and publishes not yet known to be taken."""
 
     def connect(self, node: str, link: StoreLink) -> None: ...
 
@@ -100,7 +103,8 @@ class Store(Protocol):
 
     def forget(self, node: str) -> Deferred[Any]: ...
 
-    def publish(self, node: str, envelope: bytes) -> Deferred[Any]: ...
+    def publish(self, node: str, envelope: bytes) -> None:
+        """Sent at once, with no reply; counted in `in_flight` until confirmed."""
 
     # Connection recovery (iw_relay.cluster_recovery); `key` is the room's hash.
 
@@ -494,8 +498,7 @@ class SharedBackplane:
             return
         try:
             for node, entries in outbox.items():
-                self.store.publish(node, self._header + b"".join(entries)).addErrback(
-                    lambda failure: None)  # the connection's loss is handled there
+                self.store.publish(node, self._header + b"".join(entries))
         except ConnectionError:
             self._not_sent(messages)
 

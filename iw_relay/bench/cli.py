@@ -8,6 +8,7 @@
     iwrelay-bench fanout  --url ws://127.0.0.1:3001 --url ws://127.0.0.1:3002 \
                           --placement spread --server-pid P1 --server-pid P2 ...
     iwrelay-bench compare --original /path/to/server.js   (see compare.py)
+    iwrelay-bench efficiency --runs 3                     (see efficiency.py)
 
 One line per step on the terminal; ``--json`` prints one JSON object per step (and a
 final ``"kind": "summary"`` object) on stdout instead. When connections fail, the
@@ -37,6 +38,7 @@ from iw_relay.bench.stats import P99_LIMIT_MS, StepReport, format_step, human_by
 FAIR_RATE_LIMIT = 90.0  # runner.FAIR_RATE_LIMIT, here so that --help works without it
 DEFAULT_URL = "ws://127.0.0.1:3000"
 COMPARE_FIGURES = ("connect", "fanout", "bigroom", "idle")  # compare.FIGURES, in order
+EFFICIENCY_SETUPS = ("one", "two", "redis-room", "redis-split")  # efficiency.SETUPS
 DEFAULT_STEPS = {"fanout": 12, "bigroom": 12, "idle": 5, "connect": 3, "soak": 5}
 
 
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--cycle-timeout", type=positive_float, default=10.0)
 
     add_compare_parser(scenarios)
+    add_efficiency_parser(scenarios)
     return parser
 
 
@@ -216,18 +219,9 @@ def add_compare_parser(scenarios: Any) -> None:
                         help="CPU the server is pinned to [default: %(default)s]")
     parser.add_argument("--generator-cpu", type=int, default=1,
                         help="CPU the load generator is pinned to [default: %(default)s]")
-    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
-                        help="an extra option for iw-relay's twistd plugin (repeatable), "
-                             "e.g. --relay-arg=--log-level=warn")
+    add_fixed_load_options(parser, 40_000.0, 3.0, 3600.0)
     parser.add_argument("--connect-clients", type=int, default=10_000)
     parser.add_argument("--inflight", type=int, default=200)
-    parser.add_argument("--deliveries", type=float, default=40_000.0,
-                        help="fixed deliveries/s of fanout and bigroom [default: %(default)s]")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of the measured sending step [default: %(default)s]")
-    parser.add_argument("--warmup", type=float, default=3.0,
-                        help="seconds of sending before it, not measured "
-                             "[default: %(default)s]")
     parser.add_argument("--fanout-clients", type=int, default=500)
     parser.add_argument("--fanout-rooms", type=int, default=100)
     parser.add_argument("--bigroom-clients", type=int, default=200)
@@ -237,12 +231,53 @@ def add_compare_parser(scenarios: Any) -> None:
     parser.add_argument("--idle-hold", type=float, default=2.0,
                         help="seconds between the last idle connection and the RSS "
                              "reading [default: %(default)s]")
-    parser.add_argument("--deadline", type=float, default=3600.0,
-                        help="the whole comparison stops after this many seconds "
+
+
+def add_fixed_load_options(parser: argparse.ArgumentParser, deliveries: float,
+                           warmup: float, deadline: float) -> None:
+    """What compare and efficiency share: fresh relays measured at a fixed load."""
+    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
+                        help="an extra option for iw-relay's twistd plugin (repeatable), "
+                             "e.g. --relay-arg=--log-level=warn")
+    parser.add_argument("--deliveries", type=float, default=deliveries,
+                        help="fixed deliveries/s [default: %(default)s]")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of the measured sending step [default: %(default)s]")
+    parser.add_argument("--warmup", type=float, default=warmup,
+                        help="seconds of sending before it, not measured "
+                             "[default: %(default)s]")
+    parser.add_argument("--deadline", type=float, default=deadline,
+                        help="the whole command stops after this many seconds "
                              "[default: %(default)s]")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write every run's figures to FILE as JSON")
 
+
+
+def add_efficiency_parser(scenarios: Any) -> None:
+    """The ``efficiency`` sub-command (efficiency.py): its options."""
+    parser = scenarios.add_parser(
+        "efficiency", help="cluster efficiency: fresh nodes with and without Redis, "
+                           "medians of several runs",
+        description="For every run and setup, fresh servers (redis-server, one or two "
+                    "twistd nodes) on loopback, a fixed fanout load, the CPU of every "
+                    "server process summed; medians and spread of CPU per delivery, p99 "
+                    "and the efficiencies. Every process started is stopped.")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="fresh servers per setup [default: %(default)s]")
+    parser.add_argument("--setups", default=",".join(EFFICIENCY_SETUPS),
+                        help="comma-separated, among " + ", ".join(EFFICIENCY_SETUPS)
+                             + " [default: all]")
+    parser.add_argument("--clients", type=int, default=400)
+    parser.add_argument("--rooms", type=int, default=100)
+    add_fixed_load_options(parser, 20_000.0, 2.0, 1800.0)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="generator processes [default: %(default)s]")
+    parser.add_argument("--redis-server", default="redis-server",
+                        help="redis-server binary [default: %(default)s]")
+    parser.add_argument("--lock", type=Path, metavar="FILE",
+                        help="hold an exclusive flock on FILE while each setup runs, so "
+                             "that other benchmarks taking it never overlap one")
 
 
 class Printer:
@@ -334,6 +369,9 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None,
     if args.scenario == "compare":
         from iw_relay.bench import compare
         return compare.run(args, out, err)
+    if args.scenario == "efficiency":
+        from iw_relay.bench import efficiency
+        return efficiency.run(args, out, err)
     printer = Printer(args.json, out, err)
     urls = args.urls or [DEFAULT_URL]
     targets = [runner.parse_target(url) for url in urls]

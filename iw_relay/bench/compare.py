@@ -64,10 +64,11 @@ def relay_command(port: int, extra: Sequence[str]) -> list[str]:
 
 
 class Server:
-    """One server process on 127.0.0.1:`port`, pinned to `cpu`, its output in a file."""
+    """One server process on 127.0.0.1:`port`, pinned to `cpu` (None: not pinned), its
+    output in a file."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int,
-                 cpu: int, workdir: Path) -> None:
+                 cpu: int | None, workdir: Path) -> None:
         self.name = name
         self.argv = argv
         self.port = port
@@ -87,19 +88,23 @@ class Server:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    def ready(self) -> bool:
+        """Whether /health answers 200 (both implementations serve it)."""
+        try:
+            with urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until /health answers 200 (both implementations serve it)."""
+        """Until `ready()`, or BenchError once the process exits or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 raise runner.BenchError(f"{self.name} exited with {self.process.returncode}:"
                                         f"\n{self.log_tail()}")
-            try:
-                with urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
+            if self.ready():
+                return
             if time.monotonic() > deadline:
                 raise runner.BenchError(f"{self.name} did not answer /health within "
                                         f"{timeout:g}s:\n{self.log_tail()}")
@@ -123,8 +128,9 @@ class Server:
                 self.process.wait(5)
 
 
-def _child_setup(cpu: int) -> None:
-    os.sched_setaffinity(0, {cpu})
+def _child_setup(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     raise_fd_limit()
 
 
@@ -219,12 +225,8 @@ class Plan:
                     shape = (args.bigroom_clients, 1, args.bigroom_senders)
                 result = runner.run_rooms(settings, _ignore, figure, *shape,
                                           target_deliveries=[args.deliveries])
-                step = result.steps[-1] if result.steps else None
-                if step is None:
-                    found.notes.append(result.summary.get("refusal", "no step ran"))
+                if measured_step(result, found.values, found.notes) is None:
                     return found
-                found.values, notes = delivery_figures(step)
-                found.notes.extend(notes)
             elif figure == "idle":
                 settings = self.settings(server, 300, connect_timeout=120,
                                          inflight=args.inflight, max_steps=5)
@@ -245,6 +247,20 @@ class Plan:
 
 def _ignore(_: StepReport) -> None:
     pass
+
+
+def measured_step(result: runner.Result, values: dict[str, float | None],
+                  notes: list[str]) -> StepReport | None:
+    """A fixed-load run's last step, its figures added to `values` and `notes`; None
+    (and why, in `notes`) when no step ran."""
+    step = result.steps[-1] if result.steps else None
+    if step is None:
+        notes.append(result.summary.get("refusal", "no step ran"))
+        return None
+    figures, found = delivery_figures(step)
+    values.update(figures)
+    notes.extend(found)
+    return step
 
 
 def delivery_figures(step: StepReport) -> tuple[dict[str, float | None], list[str]]:
@@ -383,17 +399,24 @@ def versions(args: argparse.Namespace) -> dict[str, str]:
     return found
 
 
+def chosen(option: str, text: str, known: Sequence[str], runs: int) -> list[str]:
+    """The comma-separated names of `text`, each among `known`, else BenchError (as
+    for `runs` under 1)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = set(names) - set(known)
+    if unknown or not names:
+        raise runner.BenchError(f"{option}: unknown {sorted(unknown)} (one of "
+                                f"{', '.join(known)})")
+    if runs < 1:
+        raise runner.BenchError("--runs must be at least 1")
+    return names
+
+
 def check(args: argparse.Namespace) -> list[str]:
     """The figures to run; BenchError for what cannot work on this machine."""
-    figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    unknown = set(figures) - set(FIGURES)
-    if unknown or not figures:
-        raise runner.BenchError(f"--figures: unknown {sorted(unknown)} (one of "
-                                f"{', '.join(FIGURES)})")
+    figures = chosen("--figures", args.figures, FIGURES, args.runs)
     if not args.original.is_file():
         raise runner.BenchError(f"--original {args.original}: no such file")
-    if args.runs < 1:
-        raise runner.BenchError("--runs must be at least 1")
     usable = os.sched_getaffinity(0)
     for option, cpu in (("--server-cpu", args.server_cpu),
                         ("--generator-cpu", args.generator_cpu)):
