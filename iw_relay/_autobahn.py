@@ -569,13 +569,18 @@ def _poll_and_dispatch(reactor: Any, timeout: float | None) -> None:
         raise
     selectables = reactor._selectables
     handle = reactor._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is not None:
-            try:
-                handle(selectable, fd, event)
-            except BaseException:
-                log.err()
+    turn = turn_state(reactor)
+    turn.single = len(events) == 1
+    try:
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    handle(selectable, fd, event)
+                except BaseException:
+                    log.err()
+    finally:
+        turn.single = False
 
 
 def _run_all(calls: list[Callable[[], object]]) -> None:
@@ -590,6 +595,31 @@ def _run_all(calls: list[Callable[[], object]]) -> None:
 
 
 _END_OF_TURN = "_iwrelay_end_of_turn"
+_TURN_STATE = "_iwrelay_turn_state"
+
+
+class TurnState:
+    """What the lean dispatch knows of the reactor turn it is handling.
+
+    `single` is True while it handles a turn in which epoll reported one ready socket:
+    then nothing else in the turn can add a second frame for a member (but the same
+    read), so gathering frames for the end of the turn would only delay them (one room
+    of 200: each message arrives in a turn of its own). False at any other time, and
+    always on a reactor without `lean_reactor_dispatch`.
+    """
+
+    __slots__ = ("single",)
+
+    def __init__(self) -> None:
+        self.single = False
+
+
+_NEVER_SINGLE = TurnState()
+
+
+def turn_state(clock: Any) -> TurnState:
+    """`clock`'s TurnState: the lean dispatch's, or one that is never `single`."""
+    return cast(TurnState, getattr(clock, _TURN_STATE, _NEVER_SINGLE))
 
 
 def lean_reactor_dispatch(reactor: Any) -> bool:
@@ -615,6 +645,7 @@ def lean_reactor_dispatch(reactor: Any) -> bool:
         _run_all(pending)
 
     setattr(reactor, _END_OF_TURN, pending.append)
+    setattr(reactor, _TURN_STATE, TurnState())
     for name in ("doPoll", "doIteration"):  # doIteration is doPoll, by another name
         setattr(reactor, name, do_poll)
     return True

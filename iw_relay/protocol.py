@@ -39,6 +39,8 @@ from iw_relay._autobahn import (
     frame_bytes,
     prepare_frame,
     protocol_class_for,
+    turn_state,
+    write_now,
 )
 from iw_relay.admission import (
     origin_allowed,
@@ -282,11 +284,16 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         data = frame_bytes(frame)
         # Through the factory: attributes of the connection's class are slow to read
         # (Python 3.11 does not specialise them) and this runs once per delivery.
-        self.factory.traffic.bytesSent += len(data)
-        if self.lean_writes:
-            self.enqueue(data)
-        else:
+        factory = self.factory
+        factory.traffic.bytesSent += len(data)
+        if not self.lean_writes:
             self.sendPreparedMessage(frame)
+        elif factory.turn.single and self._outbox is None:
+            # Nothing queued before it, and no other frame for this member can come this
+            # turn (Outbox.enqueue would gather frames for nothing): out now.
+            write_now(self.transport, data)
+        else:
+            self.enqueue(data)
 
     def _reply(self, payload: bytes) -> None:
         """A message to this client only; queued behind what it has not read yet."""
@@ -338,6 +345,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.flusher = TurnFlusher(clock)
+        #: Whether the reactor turn being handled had one ready socket (deliver reads it).
+        self.turn = turn_state(clock)
         self.bucket = TokenBucket.rule(config.rate_limit, config.rate_window,
                                        config.rate_burst)
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)

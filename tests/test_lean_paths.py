@@ -93,10 +93,14 @@ ACTIONS = st.one_of(
 )
 
 
-def run(script, lean: bool) -> dict:
+def run(script, lean: bool, write_through: bool = False) -> dict:
+    """`write_through`: every reactor turn counts as one with a single ready socket, so
+    that relayed frames are written at once when nothing waits before them."""
     RelayServerProtocol.lean_writes = lean
     relay = MemoryRelay(RelayConfig(ping_interval=0, rate_limit=4, flood_windows=2,
                                     shutdown_timeout=1.0))
+    if write_through:
+        relay.service.front_door.websocket.turn = _single_turn()
     try:
         clients = {"a": relay.join(), "b": relay.join()}
         names = {c.received[0]["connectionId"]: name for name, c in clients.items()}
@@ -151,7 +155,40 @@ def run(script, lean: bool) -> dict:
           ("advance", 1.0), ("send", "a", 6), ("ping", "a", b"q")])  # a flood's close
 @example([("send", "a", 2), ("shutdown",), ("ping", "b", b"s")])
 def test_lean_writes_pongs_and_closes_behave_like_autobahns(script):
-    assert run(script, lean=True) == run(script, lean=False)
+    autobahns = run(script, lean=False)
+    assert run(script, lean=True) == autobahns
+    assert run(script, lean=True, write_through=True) == autobahns
+
+
+def _single_turn() -> _autobahn.TurnState:
+    turn = _autobahn.TurnState()
+    turn.single = True
+    return turn
+
+
+def test_write_through_writes_at_once_and_behind_what_is_queued(relay):
+    """In a turn with one ready socket a relayed frame is written at once (no end-of-turn
+    pass) when nothing waits before it; one behind a queued frame is queued after it."""
+    from iw_relay.protocol import prepare_frame
+
+    relay.join()
+    b = relay.join()
+    factory = relay.service.front_door.websocket
+    factory.turn = _single_turn()
+    server_b = next(server for server in relay.servers
+                    if getattr(server, "connection_id", None) ==
+                    b.received[0]["connectionId"])
+    written = server_b.transport.stream
+    before = len(written)
+    server_b.deliver(prepare_frame(b'{"type":"op","n":1}'))
+    assert factory.flusher.dirty == [] and server_b._outbox is None
+    assert written[before:] == [b'\x81\x13{"type":"op","n":1}']
+    server_b.enqueue(b'\x81\x0c{"type":"q"}')  # already queued for b this turn
+    server_b.deliver(prepare_frame(b'{"type":"op","n":2}'))
+    assert factory.flusher.dirty == [server_b] and len(server_b._outbox) == 2
+    relay.flush()
+    assert [(m["type"], m.get("n")) for m in b.received[-3:]] == [
+        ("op", 1), ("q", None), ("op", 2)]
 
 
 def test_the_comparison_sees_pongs_order_and_closes():
@@ -341,6 +378,41 @@ def test_end_of_turn_runs_after_the_turns_events_and_before_the_reactor_waits():
         mine.close()
         theirs.close()
         reactor._poller.close()
+
+
+def test_a_turn_is_single_while_its_one_ready_socket_is_handled():
+    import socket
+
+    from twisted.internet import epollreactor
+
+    reactor = epollreactor.EPollReactor()
+    assert _autobahn.lean_reactor_dispatch(reactor)
+    turn = _autobahn.turn_state(reactor)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        seen = []
+        for mine, _ in pairs:
+            reader = _Reader(mine, None)
+            reader.doRead = lambda mine=mine: seen.append((mine.recv(100), turn.single))
+            reactor.addReader(reader)
+        pairs[0][1].send(b"one")
+        reactor.doIteration(0)
+        assert seen == [(b"one", True)] and not turn.single
+        for _, theirs in pairs:
+            theirs.send(b"two")
+        reactor.doIteration(0)
+        assert seen[1:] == [(b"two", False), (b"two", False)] and not turn.single
+    finally:
+        for sockets in pairs:
+            for sock in sockets:
+                sock.close()
+        reactor._poller.close()
+
+
+def test_a_turn_is_never_single_on_other_clocks():
+    from twisted.internet.task import Clock
+
+    assert not _autobahn.turn_state(Clock()).single
 
 
 def test_end_of_turn_is_a_zero_delay_call_on_other_clocks():
