@@ -201,6 +201,30 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def write_now_each(transports: list[Any], data: bytes) -> None:
+    """`write_now(transport, data)` for each of `transports`, in one loop: a fan-out's
+    writes leave back to back, with little Python between two sends. One transport's
+    failure is logged and does not keep `data` from the others."""
+    size = len(data)
+    plain = _PLAIN_TCP
+    for transport in transports:
+        try:
+            if (type(transport) in plain and transport.connected
+                    and not transport.disconnecting
+                    and not transport.dataBuffer and not transport._tempDataBuffer):
+                try:
+                    sent = transport.socket.send(data)
+                except OSError:  # as in write_now
+                    sent = 0
+                if sent == size:
+                    continue
+                transport.write(data[sent:])
+            else:
+                transport.write(data)
+        except Exception:
+            log.err(None, "writing a fan-out's frame failed")
+
+
 def set_tcp_nodelay(transport: object) -> None:
     """Turn Nagle off; Autobahn tries too early and silently fails (40 ms stalls)."""
     while transport is not None:

@@ -41,6 +41,7 @@ from iw_relay._autobahn import (
     protocol_class_for,
     turn_state,
     write_now,
+    write_now_each,
 )
 from iw_relay.admission import (
     origin_allowed,
@@ -371,3 +372,23 @@ class RelayServerFactory(WebSocketServerFactory):
         self.traffic: RelayStats = registry.stats
         # What the outbox reads when a member is not reading, on the class.
         self.protocol.max_send_buffer = config.max_send_buffer
+
+    def write_through(self, members: list[RelayServerProtocol],
+                      frame: PreparedMessage) -> list[RelayServerProtocol]:
+        """The registry's fan-out, in a turn with one ready socket (`turn.single`):
+        `frame` is written at once to every open member with nothing queued (what
+        deliver() would do for each, in one loop); returns the members left for
+        deliver() (something queued, paused, closing; all of them in other turns)."""
+        if not self.turn.single or not self.protocol.lean_writes:
+            return members
+        idle, rest = [], []
+        for member in members:
+            if member._outbox is None and member.state == _OPEN:
+                idle.append(member.transport)
+            else:
+                rest.append(member)
+        if idle:
+            data = frame_bytes(frame)
+            self.traffic.bytesSent += len(data) * len(idle)
+            write_now_each(idle, data)
+        return rest

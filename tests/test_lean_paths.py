@@ -168,27 +168,34 @@ def _single_turn() -> _autobahn.TurnState:
 
 def test_write_through_writes_at_once_and_behind_what_is_queued(relay):
     """In a turn with one ready socket a relayed frame is written at once (no end-of-turn
-    pass) when nothing waits before it; one behind a queued frame is queued after it."""
+    pass) to a member with nothing queued; behind a queued frame it is queued after it;
+    to a paused member it goes to the backlog. Through the fan-out and deliver() alike."""
     from iw_relay.protocol import prepare_frame
 
     relay.join()
     b = relay.join()
     factory = relay.service.front_door.websocket
     factory.turn = _single_turn()
-    server_b = next(server for server in relay.servers
-                    if getattr(server, "connection_id", None) ==
-                    b.received[0]["connectionId"])
+    servers = {server.connection_id: server for server in relay.servers}
+    server_b = servers.pop(b.received[0]["connectionId"])
+    (server_a,) = servers.values()
     written = server_b.transport.stream
     before = len(written)
-    server_b.deliver(prepare_frame(b'{"type":"op","n":1}'))
-    assert factory.flusher.dirty == [] and server_b._outbox is None
-    assert written[before:] == [b'\x81\x13{"type":"op","n":1}']
-    server_b.enqueue(b'\x81\x0c{"type":"q"}')  # already queued for b this turn
+    relay.registry.broadcast(server_a, b'{"type":"op","n":1}')
     server_b.deliver(prepare_frame(b'{"type":"op","n":2}'))
-    assert factory.flusher.dirty == [server_b] and len(server_b._outbox) == 2
+    assert factory.flusher.dirty == [] and server_b._outbox is None
+    assert written[before:] == [b'\x81\x13{"type":"op","n":1}', b'\x81\x13{"type":"op","n":2}']
+    server_b.enqueue(b'\x81\x0c{"type":"q"}')  # already queued for b this turn
+    relay.registry.broadcast(server_a, b'{"type":"op","n":3}')
+    server_b.deliver(prepare_frame(b'{"type":"op","n":4}'))
+    assert factory.flusher.dirty == [server_b] and len(server_b._outbox) == 3
     relay.flush()
-    assert [(m["type"], m.get("n")) for m in b.received[-3:]] == [
-        ("op", 1), ("q", None), ("op", 2)]
+    assert [(m["type"], m.get("n")) for m in b.received[-5:]] == [
+        ("op", 1), ("op", 2), ("q", None), ("op", 3), ("op", 4)]
+    server_b.pauseProducing()  # b's socket buffer is full
+    before = len(written)
+    relay.registry.broadcast(server_a, b'{"type":"op","n":5}')
+    assert written[before:] == [] and server_b._backlog == [b'\x81\x13{"type":"op","n":5}']
 
 
 def test_the_comparison_sees_pongs_order_and_closes():
