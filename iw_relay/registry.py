@@ -150,8 +150,9 @@ class RoomRegistry(Service):
         self.config = config
         self.clock = clock
         self.prepare = prepare
-        #: Set by the protocol's factory: writes a fan-out's frame at once to the members
-        #: it can, returns those left for Member.deliver (None: deliver to each).
+        #: Set by the service (RelayServerFactory.write_through): writes a fan-out's frame
+        #: at once to the members it can, returns those left for Member.deliver (None:
+        #: deliver to each).
         self.write_through: Callable[[list[Any], Any], list[Any]] | None = None
         self.wall_clock = wall_clock
         self.stats = RelayStats()
