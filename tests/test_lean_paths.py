@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import pytest_twisted
 from autobahn.twisted import websocket as twisted_websocket
 from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import WebSocketServerProtocol
@@ -486,3 +487,56 @@ def test_connection_made_sets_what_autobahns_does_but_the_details_made_later(rel
                            if name not in made_later}
     assert lean.peer == autobahns.peer == "tcp4:198.51.100.7:40001"
     assert lean._transport_details.marshal() == autobahns._transport_details.marshal()
+
+
+# -- write_now_each: a fan-out's writes on real loopback sockets -------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
+    """An idle plain TCP transport gets the bytes by send() at once; one with bytes in
+    Twisted's buffer gets them behind those; what the socket does not take is buffered
+    in order. Each reader sees its bytes in the order written."""
+    from twisted.internet import protocol, reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+
+    from tests.helpers import until
+
+    servers: list = []
+
+    class Server(protocol.Protocol):
+        def connectionMade(self):
+            servers.append(self)
+
+    class Reader(protocol.Protocol):
+        def __init__(self):
+            self.data = b""
+
+        def dataReceived(self, data):
+            self.data += data
+
+    factory = protocol.Factory.forProtocol(Server)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    readers = [Reader(), Reader()]
+    try:
+        for reader in readers:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                     port.getHost().port), reader)
+        await until(lambda: len(servers) == 2, "both connections accepted")
+        idle, busy = (server.transport for server in servers)
+        busy.write(b"held;")  # in Twisted's buffer until the reactor's next turn
+        _autobahn.write_now_each([idle, busy], b"frame;")
+        assert not idle.dataBuffer and not idle._tempDataBuffer  # sent, not buffered
+        assert busy._tempDataBuffer  # queued behind "held;"
+        large = b"x" * (8 << 20)  # more than a loopback socket takes at once
+        _autobahn.write_now_each([idle], large)
+        assert idle._tempDataBuffer or idle.dataBuffer
+        _autobahn.write_now_each([idle], b";end")
+        await until(lambda: readers[1].data == b"held;frame;", "the busy reader's bytes")
+        await until(lambda: len(readers[0].data) == 6 + len(large) + 4, "the large write",
+                    timeout=30)
+        assert readers[0].data == b"frame;" + large + b";end"
+    finally:
+        for server in servers:
+            server.transport.loseConnection()
+        await port.stopListening()
