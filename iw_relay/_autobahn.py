@@ -20,12 +20,14 @@ with an ImportError naming the attribute, not silently under load.
 - `connectionMade()` leaves the transport details to be made on first use.
 - The 101 answer goes to `queue_handshake_answer()`, so the subclass can send it with
   the first frames in one write.
-- `write_now()` writes straight to a plain TCP socket when nothing waits before it.
+- `write_now()` writes straight to a plain TCP socket when nothing waits before it;
+  `write_now_each()` does it for a fan-out's members in one loop.
 - `tune_autobahn()`: process-wide, opt-in (the twistd plugin calls it): Autobahn's debug
   log arguments (pformat, hltype, hlval) are no longer built when nobody reads them.
 - `lean_reactor_dispatch()`: opt-in too: the epoll reactor hands a ready socket to
   Twisted's own read/write handling without a legacy log context per event, and runs
-  `end_of_turn()` functions without a timer per turn.
+  `end_of_turn()` functions without a timer per turn; `turn_state()` tells whether the
+  turn being handled had one ready socket.
 """
 
 from __future__ import annotations
@@ -199,6 +201,30 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def write_now_each(transports: list[Any], data: bytes) -> None:
+    """`write_now(transport, data)` for each of `transports`, in one loop: a fan-out's
+    writes leave back to back, with little Python between two sends. One transport's
+    failure is logged and does not keep `data` from the others."""
+    size = len(data)
+    plain = _PLAIN_TCP
+    for transport in transports:
+        try:
+            if (type(transport) in plain and transport.connected
+                    and not transport.disconnecting
+                    and not transport.dataBuffer and not transport._tempDataBuffer):
+                try:
+                    sent = transport.socket.send(data)
+                except OSError:  # as in write_now
+                    sent = 0
+                if sent == size:
+                    continue
+                transport.write(data[sent:])
+            else:
+                transport.write(data)
+        except Exception:
+            log.err(None, "writing a fan-out's frame failed")
 
 
 def set_tcp_nodelay(transport: object) -> None:
@@ -569,13 +595,18 @@ def _poll_and_dispatch(reactor: Any, timeout: float | None) -> None:
         raise
     selectables = reactor._selectables
     handle = reactor._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is not None:
-            try:
-                handle(selectable, fd, event)
-            except BaseException:
-                log.err()
+    turn = turn_state(reactor)
+    turn.single = len(events) == 1
+    try:
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    handle(selectable, fd, event)
+                except BaseException:
+                    log.err()
+    finally:
+        turn.single = False
 
 
 def _run_all(calls: list[Callable[[], object]]) -> None:
@@ -590,6 +621,31 @@ def _run_all(calls: list[Callable[[], object]]) -> None:
 
 
 _END_OF_TURN = "_iwrelay_end_of_turn"
+_TURN_STATE = "_iwrelay_turn_state"
+
+
+class TurnState:
+    """What the lean dispatch knows of the reactor turn it is handling.
+
+    `single` is True while it handles a turn in which epoll reported one ready socket:
+    then nothing else in the turn can add a second frame for a member (but the same
+    read), so gathering frames for the end of the turn would only delay them (one room
+    of 200: each message arrives in a turn of its own). False at any other time, and
+    always on a reactor without `lean_reactor_dispatch`.
+    """
+
+    __slots__ = ("single",)
+
+    def __init__(self) -> None:
+        self.single = False
+
+
+_NEVER_SINGLE = TurnState()
+
+
+def turn_state(clock: Any) -> TurnState:
+    """`clock`'s TurnState: the lean dispatch's, or one that is never `single`."""
+    return cast(TurnState, getattr(clock, _TURN_STATE, _NEVER_SINGLE))
 
 
 def lean_reactor_dispatch(reactor: Any) -> bool:
@@ -601,7 +657,10 @@ def lean_reactor_dispatch(reactor: Any) -> bool:
       when it was asked for outside them, by a timed call, before the reactor waits
       again), without the DelayedCall that callLater(0) makes and sorts into the
       timer heap (one per connection: Autobahn's ping timers) every turn.
-    Together, about a fifth of the relay's CPU per message in small rooms.
+    - `turn_state(reactor).single` is True while a turn with one ready socket is
+      handled: the relay then writes relayed frames at once (see outbox.py).
+    Together, about a fifth of the relay's CPU per message in small rooms, and
+    three fifths of its instructions per delivery in one room of 200.
     """
     if type(reactor) is not epollreactor.EPollReactor:
         return False
@@ -615,6 +674,7 @@ def lean_reactor_dispatch(reactor: Any) -> bool:
         _run_all(pending)
 
     setattr(reactor, _END_OF_TURN, pending.append)
+    setattr(reactor, _TURN_STATE, TurnState())
     for name in ("doPoll", "doIteration"):  # doIteration is doPoll, by another name
         setattr(reactor, name, do_poll)
     return True

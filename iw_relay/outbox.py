@@ -2,6 +2,11 @@
 
 - Frames for a member are gathered during a reactor turn and written together at its
   end (`TurnFlusher`): one write per member however many messages reached it.
+- Except in a turn with one ready socket (the lean dispatch's `TurnState.single`; one
+  room of 200: each message arrives in a turn of its own), where nothing else can add
+  a frame for a member: a relayed frame then goes straight to each member with nothing
+  queued (`RelayServerFactory.write_through` for a fan-out, `deliver` for one member),
+  and is queued behind what is, as in any other turn.
 - The member is the producer registered on its own transport: Twisted pauses it when
   the socket's buffer passes 64 KiB (the peer is not reading). While paused, frames
   wait in a backlog; a backlog over --max-send-buffer makes the member a slow consumer

@@ -39,6 +39,9 @@ from iw_relay._autobahn import (
     frame_bytes,
     prepare_frame,
     protocol_class_for,
+    turn_state,
+    write_now,
+    write_now_each,
 )
 from iw_relay.admission import (
     origin_allowed,
@@ -283,11 +286,16 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         data = frame_bytes(frame)
         # Through the factory: attributes of the connection's class are slow to read
         # (Python 3.11 does not specialise them) and this runs once per delivery.
-        self.factory.traffic.bytesSent += len(data)
-        if self.lean_writes:
-            self.enqueue(data)
-        else:
+        factory = self.factory
+        factory.traffic.bytesSent += len(data)
+        if not self.lean_writes:
             self.sendPreparedMessage(frame)
+        elif factory.turn.single and self._outbox is None:
+            # Nothing queued before it, and no other frame for this member can come this
+            # turn (Outbox.enqueue would gather frames for nothing): out now.
+            write_now(self.transport, data)
+        else:
+            self.enqueue(data)
 
     def _reply(self, payload: bytes) -> None:
         """A message to this client only; queued behind what it has not read yet."""
@@ -348,6 +356,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.wall_clock = wall_clock
         self.flusher = TurnFlusher(clock)
+        #: Whether the reactor turn being handled had one ready socket (deliver reads it).
+        self.turn = turn_state(clock)
         self.bucket = TokenBucket.rule(config.rate_limit, config.rate_window,
                                        config.rate_burst)
         self.rate_limit_error = messages.rate_limit_error(config.rate_limit, config.rate_window)
@@ -372,3 +382,23 @@ class RelayServerFactory(WebSocketServerFactory):
         self.traffic: RelayStats = registry.stats
         # What the outbox reads when a member is not reading, on the class.
         self.protocol.max_send_buffer = config.max_send_buffer
+
+    def write_through(self, members: list[RelayServerProtocol],
+                      frame: PreparedMessage) -> list[RelayServerProtocol]:
+        """The registry's fan-out, in a turn with one ready socket (`turn.single`):
+        `frame` is written at once to every open member with nothing queued (what
+        deliver() would do for each, in one loop); returns the members left for
+        deliver() (something queued, paused, closing; all of them in other turns)."""
+        if not self.turn.single or not self.protocol.lean_writes:
+            return members
+        idle, rest = [], []
+        for member in members:
+            if member._outbox is None and member.state == _OPEN:
+                idle.append(member.transport)
+            else:
+                rest.append(member)
+        if idle:
+            data = frame_bytes(frame)
+            self.traffic.bytesSent += len(data) * len(idle)
+            write_now_each(idle, data)
+        return rest

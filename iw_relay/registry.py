@@ -150,6 +150,10 @@ class RoomRegistry(Service):
         self.config = config
         self.clock = clock
         self.prepare = prepare
+        #: Set by the service (RelayServerFactory.write_through): writes a fan-out's frame
+        #: at once to the members it can, returns those left for Member.deliver (None:
+        #: deliver to each).
+        self.write_through: Callable[[list[Any], Any], list[Any]] | None = None
         self.wall_clock = wall_clock
         self.stats = RelayStats()
         self.refusals: Counter[str] = Counter()
@@ -528,16 +532,19 @@ class RoomRegistry(Service):
             return
         frame = self.prepare(payload)
         pending = room.pending
-        for member in list(members.values()):
-            if member is not exclude and not (pending and member in pending):
-                # _deliver_one inlined: this loop runs once per delivery.
-                try:
-                    member.deliver(frame)
-                except Exception:
-                    self._log.failure("delivery to {connection_id} failed",
-                                      connection_id=member.connection_id)
-                    self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
-                                        messages.INTERNAL_ERROR_REASON)
+        recipients = [member for member in members.values()
+                      if member is not exclude and not (pending and member in pending)]
+        if self.write_through is not None:
+            recipients = self.write_through(recipients, frame)
+        for member in recipients:
+            # _deliver_one inlined: this loop runs once per delivery.
+            try:
+                member.deliver(frame)
+            except Exception:
+                self._log.failure("delivery to {connection_id} failed",
+                                  connection_id=member.connection_id)
+                self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
+                                    messages.INTERNAL_ERROR_REASON)
 
     # -- what the other nodes say (BackplaneEvents) ------------------------------------
 

@@ -103,6 +103,7 @@ class RelayService(MultiService):
                                      backplane=make_backplane(config, clock, reactor))
         self.registry.setServiceParent(self)
         self.factory = RelayServerFactory(self.registry, config, clock, wall_clock)
+        self.registry.write_through = self.factory.write_through
         self.resource = RelayResource(self.registry, WebSocketResource(self.factory), wall_clock,
                                       optional_pages(config, wall_clock))
         # The front door drops a connection whose request head is not complete by

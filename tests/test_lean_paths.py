@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import pytest_twisted
 from autobahn.twisted import websocket as twisted_websocket
 from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import WebSocketServerProtocol
@@ -93,10 +94,14 @@ ACTIONS = st.one_of(
 )
 
 
-def run(script, lean: bool) -> dict:
+def run(script, lean: bool, write_through: bool = False) -> dict:
+    """`write_through`: every reactor turn counts as one with a single ready socket, so
+    that relayed frames are written at once when nothing waits before them."""
     RelayServerProtocol.lean_writes = lean
     relay = MemoryRelay(RelayConfig(ping_interval=0, rate_limit=4, flood_windows=2,
                                     shutdown_timeout=1.0))
+    if write_through:
+        relay.service.front_door.websocket.turn = _single_turn()
     try:
         clients = {"a": relay.join(), "b": relay.join()}
         names = {c.received[0]["connectionId"]: name for name, c in clients.items()}
@@ -151,7 +156,47 @@ def run(script, lean: bool) -> dict:
           ("advance", 1.0), ("send", "a", 6), ("ping", "a", b"q")])  # a flood's close
 @example([("send", "a", 2), ("shutdown",), ("ping", "b", b"s")])
 def test_lean_writes_pongs_and_closes_behave_like_autobahns(script):
-    assert run(script, lean=True) == run(script, lean=False)
+    autobahns = run(script, lean=False)
+    assert run(script, lean=True) == autobahns
+    assert run(script, lean=True, write_through=True) == autobahns
+
+
+def _single_turn() -> _autobahn.TurnState:
+    turn = _autobahn.TurnState()
+    turn.single = True
+    return turn
+
+
+def test_write_through_writes_at_once_and_behind_what_is_queued(relay):
+    """In a turn with one ready socket a relayed frame is written at once (no end-of-turn
+    pass) to a member with nothing queued; behind a queued frame it is queued after it;
+    to a paused member it goes to the backlog. Through the fan-out and deliver() alike."""
+    from iw_relay.protocol import prepare_frame
+
+    relay.join()
+    b = relay.join()
+    factory = relay.service.front_door.websocket
+    factory.turn = _single_turn()
+    servers = {server.connection_id: server for server in relay.servers}
+    server_b = servers.pop(b.received[0]["connectionId"])
+    (server_a,) = servers.values()
+    written = server_b.transport.stream
+    before = len(written)
+    relay.registry.broadcast(server_a, b'{"type":"op","n":1}')
+    server_b.deliver(prepare_frame(b'{"type":"op","n":2}'))
+    assert factory.flusher.dirty == [] and server_b._outbox is None
+    assert written[before:] == [b'\x81\x13{"type":"op","n":1}', b'\x81\x13{"type":"op","n":2}']
+    server_b.enqueue(b'\x81\x0c{"type":"q"}')  # already queued for b this turn
+    relay.registry.broadcast(server_a, b'{"type":"op","n":3}')
+    server_b.deliver(prepare_frame(b'{"type":"op","n":4}'))
+    assert factory.flusher.dirty == [server_b] and len(server_b._outbox) == 3
+    relay.flush()
+    assert [(m["type"], m.get("n")) for m in b.received[-5:]] == [
+        ("op", 1), ("op", 2), ("q", None), ("op", 3), ("op", 4)]
+    server_b.pauseProducing()  # b's socket buffer is full
+    before = len(written)
+    relay.registry.broadcast(server_a, b'{"type":"op","n":5}')
+    assert written[before:] == [] and server_b._backlog == [b'\x81\x13{"type":"op","n":5}']
 
 
 def test_the_comparison_sees_pongs_order_and_closes():
@@ -343,6 +388,41 @@ def test_end_of_turn_runs_after_the_turns_events_and_before_the_reactor_waits():
         reactor._poller.close()
 
 
+def test_a_turn_is_single_while_its_one_ready_socket_is_handled():
+    import socket
+
+    from twisted.internet import epollreactor
+
+    reactor = epollreactor.EPollReactor()
+    assert _autobahn.lean_reactor_dispatch(reactor)
+    turn = _autobahn.turn_state(reactor)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        seen = []
+        for mine, _ in pairs:
+            reader = _Reader(mine, None)
+            reader.doRead = lambda mine=mine: seen.append((mine.recv(100), turn.single))
+            reactor.addReader(reader)
+        pairs[0][1].send(b"one")
+        reactor.doIteration(0)
+        assert seen == [(b"one", True)] and not turn.single
+        for _, theirs in pairs:
+            theirs.send(b"two")
+        reactor.doIteration(0)
+        assert seen[1:] == [(b"two", False), (b"two", False)] and not turn.single
+    finally:
+        for sockets in pairs:
+            for sock in sockets:
+                sock.close()
+        reactor._poller.close()
+
+
+def test_a_turn_is_never_single_on_other_clocks():
+    from twisted.internet.task import Clock
+
+    assert not _autobahn.turn_state(Clock()).single
+
+
 def test_end_of_turn_is_a_zero_delay_call_on_other_clocks():
     from twisted.internet.task import Clock
 
@@ -407,3 +487,56 @@ def test_connection_made_sets_what_autobahns_does_but_the_details_made_later(rel
                            if name not in made_later}
     assert lean.peer == autobahns.peer == "tcp4:198.51.100.7:40001"
     assert lean._transport_details.marshal() == autobahns._transport_details.marshal()
+
+
+# -- write_now_each: a fan-out's writes on real loopback sockets -------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
+    """An idle plain TCP transport gets the bytes by send() at once; one with bytes in
+    Twisted's buffer gets them behind those; what the socket does not take is buffered
+    in order. Each reader sees its bytes in the order written."""
+    from twisted.internet import protocol, reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+
+    from tests.helpers import until
+
+    servers: list = []
+
+    class Server(protocol.Protocol):
+        def connectionMade(self):
+            servers.append(self)
+
+    class Reader(protocol.Protocol):
+        def __init__(self):
+            self.data = b""
+
+        def dataReceived(self, data):
+            self.data += data
+
+    factory = protocol.Factory.forProtocol(Server)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    readers = [Reader(), Reader()]
+    try:
+        for reader in readers:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                     port.getHost().port), reader)
+        await until(lambda: len(servers) == 2, "both connections accepted")
+        idle, busy = (server.transport for server in servers)
+        busy.write(b"held;")  # in Twisted's buffer until the reactor's next turn
+        _autobahn.write_now_each([idle, busy], b"frame;")
+        assert not idle.dataBuffer and not idle._tempDataBuffer  # sent, not buffered
+        assert busy._tempDataBuffer  # queued behind "held;"
+        large = b"x" * (8 << 20)  # more than a loopback socket takes at once
+        _autobahn.write_now_each([idle], large)
+        assert idle._tempDataBuffer or idle.dataBuffer
+        _autobahn.write_now_each([idle], b";end")
+        await until(lambda: readers[1].data == b"held;frame;", "the busy reader's bytes")
+        await until(lambda: len(readers[0].data) == 6 + len(large) + 4, "the large write",
+                    timeout=30)
+        assert readers[0].data == b"frame;" + large + b";end"
+    finally:
+        for server in servers:
+            server.transport.loseConnection()
+        await port.stopListening()
