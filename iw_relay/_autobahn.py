@@ -203,10 +203,12 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def write_now_each(transports: list[Any], data: bytes) -> None:
+def write_now_each(transports: list[Any], data: bytes,
+                   failed: Callable[[Any], object]) -> None:
     """`write_now(transport, data)` for each of `transports`, in one loop: a fan-out's
-    writes leave back to back, with little Python between two sends. One transport's
-    failure is logged and does not keep `data` from the others."""
+    writes leave back to back, with little Python between two sends. A transport that
+    raises is given to `failed` (called while its exception is handled) and does not
+    keep `data` from the others."""
     size = len(data)
     plain = _PLAIN_TCP
     for transport in transports:
@@ -224,7 +226,7 @@ def write_now_each(transports: list[Any], data: bytes) -> None:
             else:
                 transport.write(data)
         except Exception:
-            log.err(None, "writing a fan-out's frame failed")
+            failed(transport)
 
 
 def set_tcp_nodelay(transport: object) -> None:
@@ -630,8 +632,11 @@ class TurnState:
     `single` is True while it handles a turn in which epoll reported one ready socket:
     then nothing else in the turn can add a second frame for a member (but the same
     read), so gathering frames for the end of the turn would only delay them (one room
-    of 200: each message arrives in a turn of its own). False at any other time, and
-    always on a reactor without `lean_reactor_dispatch`.
+    of 200: each message arrives in a turn of its own). The relay sets it back to False
+    once it has written one message through, so that the next messages of the same read
+    (a burst) are gathered as in any other turn: two writes per member at most, not one
+    per message. False at any other time, and always on a reactor without
+    `lean_reactor_dispatch`.
     """
 
     __slots__ = ("single",)

@@ -6,7 +6,9 @@
   room of 200: each message arrives in a turn of its own), where nothing else can add
   a frame for a member: a relayed frame then goes straight to each member with nothing
   queued (`RelayServerFactory.write_through` for a fan-out, `deliver` for one member),
-  and is queued behind what is, as in any other turn.
+  and is queued behind what is, as in any other turn. Only the turn's first message:
+  the rest of a burst that arrived in the same read is gathered (two writes per member
+  at most, not one per message).
 - The member is the producer registered on its own transport: Twisted pauses it when
   the socket's buffer passes 64 KiB (the peer is not reading). While paused, frames
   wait in a backlog; a backlog over --max-send-buffer makes the member a slow consumer

@@ -279,8 +279,9 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
     # -- sending (outbox.py) ------------------------------------------------------------
 
     def deliver(self, frame: PreparedMessage) -> None:
-        """The registry's Member interface: queue an already framed message (framed once
-        for all of its recipients); it goes out at the end of this reactor turn."""
+        """The registry's Member interface: an already framed message (framed once for
+        all of its recipients) goes out at the end of this reactor turn, or at once in a
+        turn with one ready socket when nothing is queued before it (outbox.py)."""
         if self.state != _OPEN:
             return
         data = frame_bytes(frame)
@@ -294,6 +295,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
             # Nothing queued before it, and no other frame for this member can come this
             # turn (Outbox.enqueue would gather frames for nothing): out now.
             write_now(self.transport, data)
+            factory.turn.single = False  # the rest of a burst is gathered (TurnState)
         else:
             self.enqueue(data)
 
@@ -383,12 +385,14 @@ class RelayServerFactory(WebSocketServerFactory):
         # What the outbox reads when a member is not reading, on the class.
         self.protocol.max_send_buffer = config.max_send_buffer
 
-    def write_through(self, members: list[RelayServerProtocol],
-                      frame: PreparedMessage) -> list[RelayServerProtocol]:
+    def write_through(self, members: list[RelayServerProtocol], frame: PreparedMessage,
+                      failed: Callable[[RelayServerProtocol], object],
+                      ) -> list[RelayServerProtocol]:
         """The registry's fan-out, in a turn with one ready socket (`turn.single`):
         `frame` is written at once to every open member with nothing queued (what
-        deliver() would do for each, in one loop); returns the members left for
-        deliver() (something queued, paused, closing; all of them in other turns)."""
+        deliver() would do for each, in one loop; a member whose write raises is given
+        to `failed`, the registry's delivery-failure rule); returns the members left
+        for deliver() (something queued, paused, closing; all of them in other turns)."""
         if not self.turn.single or not self.protocol.lean_writes:
             return members
         idle, rest = [], []
@@ -400,5 +404,7 @@ class RelayServerFactory(WebSocketServerFactory):
         if idle:
             data = frame_bytes(frame)
             self.traffic.bytesSent += len(data) * len(idle)
-            write_now_each(idle, data)
+            write_now_each(idle, data, lambda transport: failed(
+                next(member for member in members if member.transport is transport)))
+            self.turn.single = False  # the rest of a burst is gathered (TurnState)
         return rest

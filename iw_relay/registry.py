@@ -151,9 +151,10 @@ class RoomRegistry(Service):
         self.clock = clock
         self.prepare = prepare
         #: Set by the service (RelayServerFactory.write_through): writes a fan-out's frame
-        #: at once to the members it can, returns those left for Member.deliver (None:
-        #: deliver to each).
-        self.write_through: Callable[[list[Any], Any], list[Any]] | None = None
+        #: at once to the members it can (those it fails go to the third argument),
+        #: returns those left for Member.deliver (None: deliver to each).
+        self.write_through: Callable[[list[Any], Any, Callable[[Any], None]],
+                                     list[Any]] | None = None
         self.wall_clock = wall_clock
         self.stats = RelayStats()
         self.refusals: Counter[str] = Counter()
@@ -520,10 +521,15 @@ class RoomRegistry(Service):
         try:
             member.deliver(frame)
         except Exception:
-            self._log.failure("delivery to {connection_id} failed",
-                              connection_id=member.connection_id)
-            self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
-                                messages.INTERNAL_ERROR_REASON)
+            self._delivery_failed(member)
+
+    def _delivery_failed(self, member: Member) -> None:
+        """The one rule for a member a frame could not be given to (called while the
+        exception is handled): logged, and the member closed with 1011."""
+        self._log.failure("delivery to {connection_id} failed",
+                          connection_id=member.connection_id)
+        self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
+                            messages.INTERNAL_ERROR_REASON)
 
     def _fan_out(self, room: Room, payload: bytes, exclude: Member | None) -> None:
         """A message or presence to every member here but `exclude` and those joining."""
@@ -535,16 +541,12 @@ class RoomRegistry(Service):
         recipients = [member for member in members.values()
                       if member is not exclude and not (pending and member in pending)]
         if self.write_through is not None:
-            recipients = self.write_through(recipients, frame)
+            recipients = self.write_through(recipients, frame, self._delivery_failed)
         for member in recipients:
-            # _deliver_one inlined: this loop runs once per delivery.
-            try:
+            try:  # _deliver_one inlined: this loop runs once per delivery
                 member.deliver(frame)
             except Exception:
-                self._log.failure("delivery to {connection_id} failed",
-                                  connection_id=member.connection_id)
-                self._close_quietly(member, messages.CLOSE_INTERNAL_ERROR,
-                                    messages.INTERNAL_ERROR_REASON)
+                self._delivery_failed(member)
 
     # -- what the other nodes say (BackplaneEvents) ------------------------------------
 

@@ -183,11 +183,14 @@ def test_write_through_writes_at_once_and_behind_what_is_queued(relay):
     written = server_b.transport.stream
     before = len(written)
     relay.registry.broadcast(server_a, b'{"type":"op","n":1}')
+    factory.turn.single = True  # (written through: a burst's next message is gathered)
     server_b.deliver(prepare_frame(b'{"type":"op","n":2}'))
     assert factory.flusher.dirty == [] and server_b._outbox is None
     assert written[before:] == [b'\x81\x13{"type":"op","n":1}', b'\x81\x13{"type":"op","n":2}']
     server_b.enqueue(b'\x81\x0c{"type":"q"}')  # already queued for b this turn
+    factory.turn.single = True
     relay.registry.broadcast(server_a, b'{"type":"op","n":3}')
+    factory.turn.single = True
     server_b.deliver(prepare_frame(b'{"type":"op","n":4}'))
     assert factory.flusher.dirty == [server_b] and len(server_b._outbox) == 3
     relay.flush()
@@ -195,8 +198,61 @@ def test_write_through_writes_at_once_and_behind_what_is_queued(relay):
         ("op", 1), ("op", 2), ("q", None), ("op", 3), ("op", 4)]
     server_b.pauseProducing()  # b's socket buffer is full
     before = len(written)
+    factory.turn.single = True
     relay.registry.broadcast(server_a, b'{"type":"op","n":5}')
     assert written[before:] == [] and server_b._backlog == [b'\x81\x13{"type":"op","n":5}']
+
+
+def test_a_burst_in_one_read_is_written_through_once_then_gathered(relay):
+    """Several messages from the one ready socket's read: the first goes out at once,
+    the others are gathered for the end of the turn (one write per member for all of
+    them, not one per message), in order."""
+    relay.join()
+    b = relay.join()
+    factory = relay.service.front_door.websocket
+    factory.turn = _single_turn()
+    servers = {server.connection_id: server for server in relay.servers}
+    server_b = servers.pop(b.received[0]["connectionId"])
+    (server_a,) = servers.values()
+    written = server_b.transport.stream
+    before = len(written)
+    for n in range(1, 5):
+        relay.registry.broadcast(server_a, b'{"type":"op","n":%d}' % n)
+    assert written[before:] == [b'\x81\x13{"type":"op","n":1}']
+    assert not factory.turn.single and len(server_b._outbox) == 3
+    relay.flush()
+    assert len(written) == before + 2
+    assert [m.get("n") for m in b.received[-4:]] == [1, 2, 3, 4]
+
+
+def test_a_member_whose_write_through_fails_is_closed_with_1011(relay, logged_failures):
+    """The registry's one delivery-failure rule holds for the fan-out's write-through
+    too: the failure is logged, the member closed with 1011, and the others still get
+    the frame."""
+    relay.join()
+    b, c = relay.join(), relay.join()
+    factory = relay.service.front_door.websocket
+    factory.turn = _single_turn()
+    servers = {server.connection_id: server for server in relay.servers}
+    server_b = servers.pop(b.received[0]["connectionId"])
+    server_c = servers.pop(c.received[0]["connectionId"])
+    (server_a,) = servers.values()
+    write, failures = server_b.transport.write, []
+
+    def fails_once(data):
+        if not failures:
+            failures.append(data)
+            raise RuntimeError("broken transport")
+        write(data)
+
+    server_b.transport.write = fails_once
+    seen_by_c = len(server_c.transport.stream)
+    relay.registry.broadcast(server_a, b'{"type":"op","n":1}')
+    assert server_c.transport.stream[seen_by_c] == b'\x81\x13{"type":"op","n":1}'
+    assert len(logged_failures.take()) == 1
+    relay.flush()
+    assert b.close_code == 1011
+    assert relay.registry.closes[1011] == 1
 
 
 def test_the_comparison_sees_pongs_order_and_closes():
@@ -525,13 +581,15 @@ async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
         await until(lambda: len(servers) == 2, "both connections accepted")
         idle, busy = (server.transport for server in servers)
         busy.write(b"held;")  # in Twisted's buffer until the reactor's next turn
-        _autobahn.write_now_each([idle, busy], b"frame;")
+        failed: list = []
+        _autobahn.write_now_each([idle, busy], b"frame;", failed.append)
         assert not idle.dataBuffer and not idle._tempDataBuffer  # sent, not buffered
         assert busy._tempDataBuffer  # queued behind "held;"
         large = b"x" * (8 << 20)  # more than a loopback socket takes at once
-        _autobahn.write_now_each([idle], large)
+        _autobahn.write_now_each([idle], large, failed.append)
         assert idle._tempDataBuffer or idle.dataBuffer
-        _autobahn.write_now_each([idle], b";end")
+        _autobahn.write_now_each([idle], b";end", failed.append)
+        assert failed == []
         await until(lambda: readers[1].data == b"held;frame;", "the busy reader's bytes")
         await until(lambda: len(readers[0].data) == 6 + len(large) + 4, "the large write",
                     timeout=30)
