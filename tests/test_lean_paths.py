@@ -167,19 +167,23 @@ def _single_turn() -> _autobahn.TurnState:
     return turn
 
 
+def members_in_a_single_turn(relay, count: int):
+    """`count` members joined, their factory in a turn with one ready socket: the
+    factory, the server side of each and the client side of each, in joining order."""
+    clients = [relay.join() for _ in range(count)]
+    factory = relay.service.front_door.websocket
+    factory.turn = _single_turn()
+    servers = {server.connection_id: server for server in relay.servers}
+    return factory, [servers[c.received[0]["connectionId"]] for c in clients], clients
+
+
 def test_write_through_writes_at_once_and_behind_what_is_queued(relay):
     """In a turn with one ready socket a relayed frame is written at once (no end-of-turn
     pass) to a member with nothing queued; behind a queued frame it is queued after it;
     to a paused member it goes to the backlog. Through the fan-out and deliver() alike."""
     from iw_relay.protocol import prepare_frame
 
-    relay.join()
-    b = relay.join()
-    factory = relay.service.front_door.websocket
-    factory.turn = _single_turn()
-    servers = {server.connection_id: server for server in relay.servers}
-    server_b = servers.pop(b.received[0]["connectionId"])
-    (server_a,) = servers.values()
+    factory, (server_a, server_b), (_, b) = members_in_a_single_turn(relay, 2)
     written = server_b.transport.stream
     before = len(written)
     relay.registry.broadcast(server_a, b'{"type":"op","n":1}')
@@ -207,13 +211,7 @@ def test_a_burst_in_one_read_is_written_through_once_then_gathered(relay):
     """Several messages from the one ready socket's read: the first goes out at once,
     the others are gathered for the end of the turn (one write per member for all of
     them, not one per message), in order."""
-    relay.join()
-    b = relay.join()
-    factory = relay.service.front_door.websocket
-    factory.turn = _single_turn()
-    servers = {server.connection_id: server for server in relay.servers}
-    server_b = servers.pop(b.received[0]["connectionId"])
-    (server_a,) = servers.values()
+    factory, (server_a, server_b), (_, b) = members_in_a_single_turn(relay, 2)
     written = server_b.transport.stream
     before = len(written)
     for n in range(1, 5):
@@ -229,14 +227,7 @@ def test_a_member_whose_write_through_fails_is_closed_with_1011(relay, logged_fa
     """The registry's one delivery-failure rule holds for the fan-out's write-through
     too: the failure is logged, the member closed with 1011, and the others still get
     the frame."""
-    relay.join()
-    b, c = relay.join(), relay.join()
-    factory = relay.service.front_door.websocket
-    factory.turn = _single_turn()
-    servers = {server.connection_id: server for server in relay.servers}
-    server_b = servers.pop(b.received[0]["connectionId"])
-    server_c = servers.pop(c.received[0]["connectionId"])
-    (server_a,) = servers.values()
+    _, (server_a, server_b, server_c), (_, b, _) = members_in_a_single_turn(relay, 3)
     write, failures = server_b.transport.write, []
 
     def fails_once(data):
