@@ -209,12 +209,7 @@ def add_compare_parser(scenarios: Any) -> None:
     parser.add_argument("--original", required=True, type=Path, metavar="SERVER_JS",
                         help="the original relay's server.js (with its node_modules)")
     parser.add_argument("--node", default="node", help="node binary [default: %(default)s]")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="fresh servers per figure and implementation "
-                             "[default: %(default)s]")
-    parser.add_argument("--figures", default=",".join(COMPARE_FIGURES),
-                        help="comma-separated, among " + ", ".join(COMPARE_FIGURES)
-                             + " [default: all]")
+    add_runs_options(parser, "figure and implementation", "--figures", COMPARE_FIGURES)
     parser.add_argument("--server-cpu", type=int, default=0,
                         help="CPU the server is pinned to [default: %(default)s]")
     parser.add_argument("--generator-cpu", type=int, default=1,
@@ -231,6 +226,16 @@ def add_compare_parser(scenarios: Any) -> None:
     parser.add_argument("--idle-hold", type=float, default=2.0,
                         help="seconds between the last idle connection and the RSS "
                              "reading [default: %(default)s]")
+
+
+def add_runs_options(parser: argparse.ArgumentParser, per: str, option: str,
+                     choices: tuple[str, ...]) -> None:
+    """What compare and efficiency share: how many runs, and which of their cases."""
+    parser.add_argument("--runs", type=int, default=3,
+                        help=f"fresh servers per {per} [default: %(default)s]")
+    parser.add_argument(option, default=",".join(choices),
+                        help="comma-separated, among " + ", ".join(choices)
+                             + " [default: all]")
 
 
 def add_fixed_load_options(parser: argparse.ArgumentParser, deliveries: float,
@@ -253,7 +258,6 @@ def add_fixed_load_options(parser: argparse.ArgumentParser, deliveries: float,
                         help="also write every run's figures to FILE as JSON")
 
 
-
 def add_efficiency_parser(scenarios: Any) -> None:
     """The ``efficiency`` sub-command (efficiency.py): its options."""
     parser = scenarios.add_parser(
@@ -263,11 +267,7 @@ def add_efficiency_parser(scenarios: Any) -> None:
                     "twistd nodes) on loopback, a fixed fanout load, the CPU of every "
                     "server process summed; medians and spread of CPU per delivery, p99 "
                     "and the efficiencies. Every process started is stopped.")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="fresh servers per setup [default: %(default)s]")
-    parser.add_argument("--setups", default=",".join(EFFICIENCY_SETUPS),
-                        help="comma-separated, among " + ", ".join(EFFICIENCY_SETUPS)
-                             + " [default: all]")
+    add_runs_options(parser, "setup", "--setups", EFFICIENCY_SETUPS)
     parser.add_argument("--clients", type=int, default=400)
     parser.add_argument("--rooms", type=int, default=100)
     add_fixed_load_options(parser, 20_000.0, 2.0, 1800.0)
