@@ -539,11 +539,9 @@ def test_connection_made_sets_what_autobahns_does_but_the_details_made_later(rel
 # -- write_now_each: a fan-out's writes on real loopback sockets -------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
-    """An idle plain TCP transport gets the bytes by send() at once; one with bytes in
-    Twisted's buffer gets them behind those; what the socket does not take is buffered
-    in order. Each reader sees its bytes in the order written."""
+async def _tcp_connections(count: int):
+    """`count` loopback TCP connections: the server side's transports, the client
+    side's protocols (each keeps what it read in `.data`) and a cleanup coroutine."""
     from twisted.internet import protocol, reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
@@ -564,13 +562,29 @@ async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
 
     factory = protocol.Factory.forProtocol(Server)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    readers = [Reader(), Reader()]
+    readers = [Reader() for _ in range(count)]
+    for reader in readers:
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+                              reader)
+    await until(lambda: len(servers) == count, "every connection accepted")
+
+    async def close():
+        for server in servers:
+            server.transport.loseConnection()
+        await port.stopListening()
+
+    return [server.transport for server in servers], readers, close
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
+    """An idle plain TCP transport gets the bytes by send() at once; one with bytes in
+    Twisted's buffer gets them behind those; what the socket does not take is buffered
+    in order. Each reader sees its bytes in the order written."""
+    from tests.helpers import until
+
+    (idle, busy), readers, close = await _tcp_connections(2)
     try:
-        for reader in readers:
-            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
-                                                     port.getHost().port), reader)
-        await until(lambda: len(servers) == 2, "both connections accepted")
-        idle, busy = (server.transport for server in servers)
         busy.write(b"held;")  # in Twisted's buffer until the reactor's next turn
         failed: list = []
         _autobahn.write_now_each([idle, busy], b"frame;", failed.append)
@@ -586,6 +600,42 @@ async def test_write_now_each_sends_at_once_and_behind_what_twisted_holds():
                     timeout=30)
         assert readers[0].data == b"frame;" + large + b";end"
     finally:
-        for server in servers:
-            server.transport.loseConnection()
-        await port.stopListening()
+        await close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_each_goes_on_past_a_full_socket_and_a_failing_transport():
+    """A socket that takes nothing has the bytes buffered by Twisted, in order; a
+    transport whose write raises is given to `failed`; the sockets after either still
+    get theirs at once."""
+    from tests.helpers import until
+
+    (first, full, last), readers, close = await _tcp_connections(3)
+    try:
+        filler = 0
+        while True:  # the reader is not read meanwhile: its buffers fill up
+            try:
+                filler += full.socket.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        write, failed = full.write, []
+
+        def fails(data):
+            raise RuntimeError("broken transport")
+
+        full.write = fails
+        _autobahn.write_now_each([first, full, last], b"frame;", failed.append)
+        assert failed == [full]
+        full.write = write
+        _autobahn.write_now_each([first, full, last], b"next;", failed.append)
+        assert failed == [full]
+        for transport in (first, last):  # sent at once both times, nothing buffered
+            assert not transport.dataBuffer and not transport._tempDataBuffer
+        assert full._tempDataBuffer == [b"next;"]
+        await until(lambda: len(readers[1].data) == filler + 5, "the full socket's bytes",
+                    timeout=30)
+        assert readers[1].data == b"x" * filler + b"next;"  # "frame;" was not written
+        await until(lambda: readers[0].data == readers[2].data == b"frame;next;",
+                    "the others' bytes")
+    finally:
+        await close()
