@@ -70,7 +70,7 @@ def test_ci_runs_the_readmes_install_and_test_commands():
 
 def test_readme_names_the_test_prerequisites_next_to_the_test_command():
     section = README.split("Running the tests\n", 1)[1].split("\nFeatures\n", 1)[0]
-    (apt,) = literal_block(section, "installed too (Debian or Ubuntu)")
+    (apt,) = literal_block(section, "install these too (Debian)")
     assert apt.split()[:2] == ["apt-get", "install"]
     programs = set(apt.split()[2:])
     assert {"redis-server", "coturn", "chromium", "haproxy", "nginx"} <= programs
