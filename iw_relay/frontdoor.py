@@ -49,7 +49,6 @@ MAX_HEADERS = 100
 #: How long a refused connection is kept reading (and discarding) after its answer, so
 #: that closing it does not reset the connection before the client has read the answer.
 REFUSAL_LINGER = 1.0
-REFUSAL_LOG_INTERVAL = 1.0
 
 # Control bytes, DEL, NEL (0x85) and a CR not followed by LF: Python's str.splitlines
 # (which Autobahn applies to the head, decoded as latin-1) breaks lines at \x0b \x0c
@@ -359,7 +358,7 @@ class FrontDoor(Protocol):
 
     def _refuse_for_limit(self, reason: str) -> None:
         self.factory.registry.count_refused(reason)
-        self.factory.log_refusal(reason)
+        self.factory.registry.refusal_log(reason)
         self._answer(error_response(503, LIMIT_REASONS[reason]))
 
     def _refuse(self, refused: HeadError) -> None:
@@ -430,18 +429,6 @@ class FrontDoorFactory(Factory["FrontDoor"]):
         self.clock = clock
         self.proxies = proxy_networks(config.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
-        self._last_logged: dict[str, float] = {}
-        self._refused_since_logged: dict[str, int] = {}
-
-    def log_refusal(self, reason: str) -> None:
-        """One log line per limit per second at most, with the number refused: a flood
-        of connections must not become a flood of log lines."""
-        now = self.clock.seconds()
-        self._refused_since_logged[reason] = self._refused_since_logged.get(reason, 0) + 1
-        if now - self._last_logged.get(reason, float("-inf")) >= REFUSAL_LOG_INTERVAL:
-            count = self._refused_since_logged.pop(reason)
-            self._last_logged[reason] = now
-            self._log.info("refused {count} connection(s): {limit}", count=count, limit=reason)
 
     def logPrefix(self) -> str:
         """The name in "RelaySite starting on 3000", the line operators already know."""

@@ -20,10 +20,12 @@ from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 import txaio
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
@@ -215,3 +217,28 @@ def quiet_autobahn() -> None:
     """Make Autobahn's debug calls no-ops: they cost CPU even when nobody reads them."""
     # txaio fills in its API at run time (txaio.use_twisted): the type checker cannot see it.
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
+
+
+class RefusalLog:
+    """``refused N connection(s): REASON``, at most one line per reason a second, N being
+    the refusals since that reason's previous line: a refusal costs the client nothing
+    (a bad room id, a bad token, a full room, a connection limit), so it must not cost a
+    log line each. The refusals after a reason's last line are written with its next
+    one; the metrics count every one at once. `reason` is one of a few fixed texts, never
+    anything the client sent (the reasons kept are bounded by that)."""
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, interval: float = 1.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._last_logged: dict[str, float] = {}
+        self._since_logged: dict[str, int] = {}
+
+    def __call__(self, reason: str) -> None:
+        now = self._clock.seconds()
+        self._since_logged[reason] = self._since_logged.get(reason, 0) + 1
+        if now - self._last_logged.get(reason, float("-inf")) >= self._interval:
+            self._last_logged[reason] = now
+            self._log.info("refused {count} connection(s): {reason}",
+                           count=self._since_logged.pop(reason), reason=reason)

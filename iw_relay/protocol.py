@@ -52,7 +52,7 @@ from iw_relay.config import RelayConfig
 from iw_relay.frontdoor import error_response
 from iw_relay.outbox import Outbox, TurnFlusher
 from iw_relay.ratelimit import TokenBucket
-from iw_relay.registry import RelayStats, RoomRegistry, room_hash
+from iw_relay.registry import ROOM_FULL_REASON, RelayStats, RoomRegistry
 
 __all__ = ["RelayServerFactory", "RelayServerProtocol", "prepare_frame", "requested_room",
            "room_problem"]
@@ -154,14 +154,14 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
         room_id = self._requested_room or ""  # room_problem refuses "" as it does None
         problem = room_problem(room_id)
         if problem is not None:
-            self._log.info("refused a connection: {problem}", problem=problem.split(".")[0])
+            factory.registry.refusal_log(problem.split(".")[0])
             self.close(messages.CLOSE_POLICY_VIOLATION, problem)
             return
         config = factory.config
         if config.auth_secret is not None and not token_allows(
             self._token, config.auth_secret, room_id
         ):
-            self._log.info("refused a connection: invalid authentication token")
+            factory.registry.refusal_log("invalid authentication token")
             self.close(messages.CLOSE_POLICY_VIOLATION, messages.AUTH_REASON)
             return
         resume, self._resume = self._resume, None
@@ -172,7 +172,7 @@ class RelayServerProtocol(Outbox, LeanServerProtocol):
                 self._joined = True
                 return
         if config.max_room_size and factory.registry.room_size(room_id) >= config.max_room_size:
-            self._log.info("refused a connection: room {room} is full", room=room_hash(room_id))
+            factory.registry.refusal_log(ROOM_FULL_REASON)
             self._reply(messages.error(messages.ROOM_FULL, messages.ROOM_FULL_MESSAGE))
             self.close(messages.CLOSE_POLICY_VIOLATION, messages.ROOM_FULL_MESSAGE)
             return

@@ -42,6 +42,7 @@ from iw_relay.admission import ConnectionCounter
 from iw_relay.backplane.base import Backplane
 from iw_relay.backplane.local import LocalBackplane
 from iw_relay.config import RelayConfig
+from iw_relay.logs import RefusalLog
 from iw_relay.metrics import DurationHistogram
 from iw_relay.recovery import Recovery, RecoveryFailure
 
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 #: Messages kept from a member whose join is not committed yet (relayed once it is).
 PENDING_MESSAGES = 1000
+#: How a join refused for a full room is logged (RefusalLog: no room, bounded reasons).
+ROOM_FULL_REASON = "room is full"
 #: Another node's "expired" is followed if our deadline is this close (clock skew).
 EXPIRY_SKEW = 5.0
 
@@ -158,6 +161,8 @@ class RoomRegistry(Service):
         self.wall_clock = wall_clock
         self.stats = RelayStats()
         self.refusals: Counter[str] = Counter()
+        #: Every "refused N connection(s)" line (front door limits, joins refused).
+        self.refusal_log = RefusalLog(clock)
         #: Open WebSockets (joined or not), in all and per client address.
         self.connections = ConnectionCounter()
         self.closes: Counter[int] = Counter()
@@ -238,7 +243,7 @@ class RoomRegistry(Service):
         member = room.members.get(connection_id) if room is not None else None
         if room is None or member is None or member not in room.pending:
             return
-        self._log.info("refused a connection: room {room} is full", room=room_hash(room.room_id))
+        self.refusal_log(ROOM_FULL_REASON)
         self._forget(member, room, messages.CLOSE_POLICY_VIOLATION)
         self._say_goodbye(member, self.prepare(messages.error(messages.ROOM_FULL,
                                                               messages.ROOM_FULL_MESSAGE)),

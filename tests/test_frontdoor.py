@@ -222,9 +222,31 @@ def test_limit_refusals_are_logged_by_limit_at_most_once_a_second(make_relay):
             relay.connect("/room/abc")
         relay.advance(1.0)
         relay.connect("/room/abc")
-    lines = [e for e in events if e.get("limit") == "max-connections-per-ip"]
+    lines = [e for e in events if e.get("reason") == "max-connections-per-ip"]
     assert [line["count"] for line in lines] == [1, 5]
     assert relay.registry.refusals["max-connections-per-ip"] == 6
+
+
+def test_join_refusals_are_logged_by_reason_at_most_once_a_second(make_relay):
+    """A join refused after the handshake (a bad room id, a full room) costs the client
+    nothing either: logged as the limits are, one line per reason a second with the
+    count, and with no room in it."""
+    from twisted.logger import capturedLogs
+
+    relay = make_relay(config(max_room_size=1))
+    relay.join("full")
+    with capturedLogs() as events:
+        for _ in range(5):
+            relay.connect("/room/bad%20id")
+            relay.connect("/room/full")
+        relay.advance(1.0)
+        relay.connect("/room/bad%20id")
+        relay.connect("/room/full")
+    refusals = [e for e in events if "refused" in e.get("log_format", "")]
+    assert [(e["reason"], e["count"]) for e in refusals] == [
+        ("Invalid room ID format", 1), ("room is full", 1),
+        ("Invalid room ID format", 5), ("room is full", 5)]
+    assert not [e for e in refusals if "room" in e]
 
 
 def test_a_head_trickled_a_byte_at_a_time_is_dropped_at_the_deadline(make_relay):
