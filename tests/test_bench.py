@@ -650,3 +650,31 @@ def test_efficiency_runs_every_setup_and_stops_every_server(tmp_path):
     for label, ratio in summary["efficiencies"].items():
         assert ratio["median"] > 0
         assert label in out.getvalue()
+
+
+def test_instructions_counts_a_window_on_a_fresh_relay_and_stops_it(tmp_path):
+    """The whole command at tiny scale, under a real valgrind: a fresh relay per run,
+    a window of relayed messages, instructions per delivery in a plausible range, and
+    no process left running afterwards."""
+    from tests.cluster_harness import binary
+
+    valgrind = binary("valgrind", "IWRELAY_REQUIRE_VALGRIND")
+    report = tmp_path / "instructions.json"
+    out = io.StringIO()
+    result = cli.run(["instructions", "--clients", "20", "--senders", "2", "--rate", "10",
+                      "--warmup-messages", "5", "--seconds", "3", "--runs", "2",
+                      "--valgrind", valgrind, "--json", str(report)],
+                     out=out, err=io.StringIO())
+    summary = json.loads(report.read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    runs = summary["runs"]
+    assert len({found["pid"] for found in runs}) == 2  # a fresh relay each time
+    for found in runs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(found["pid"], 0)
+        assert found["messages"] >= 10  # about 30 in 3 s at 10 messages/s
+        assert found["deliveries"] == found["messages"] * 19
+        # A delivery is a few thousand instructions (3,900 in one room of 200); the
+        # whole process's start-up would be hundreds of millions.
+        assert 500 < found["instructions_per_delivery"] < 200_000, found
+    assert "instructions per delivery, 1 room x 20, 2 senders" in out.getvalue()

@@ -73,9 +73,9 @@ def test_readme_names_the_test_prerequisites_next_to_the_test_command():
     (apt,) = literal_block(section, "install these too (Debian)")
     assert apt.split()[:2] == ["apt-get", "install"]
     programs = set(apt.split()[2:])
-    assert {"redis-server", "coturn", "chromium", "haproxy", "nginx"} <= programs
+    assert {"redis-server", "coturn", "chromium", "haproxy", "nginx", "valgrind"} <= programs
     ci = (ROOT / ".ci" / "run").read_text()
-    for program in ("redis-server", "coturn", "chromium"):
+    for program in ("redis-server", "coturn", "chromium", "haproxy", "nginx", "valgrind"):
         assert f"install -y {program}" in ci, program
     assert "skipped" in section and "IWRELAY_REQUIRE_REDIS" in section
 

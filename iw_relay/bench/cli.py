@@ -9,6 +9,7 @@
                           --placement spread --server-pid P1 --server-pid P2 ...
     iwrelay-bench compare --original /path/to/server.js   (see compare.py)
     iwrelay-bench efficiency --runs 3                     (see efficiency.py)
+    iwrelay-bench instructions --load bigroom             (see instructions.py)
 
 One line per step on the terminal; ``--json`` prints one JSON object per step (and a
 final ``"kind": "summary"`` object) on stdout instead. When connections fail, the
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_parser(scenarios)
     add_efficiency_parser(scenarios)
+    add_instructions_parser(scenarios)
     return parser
 
 
@@ -278,6 +280,38 @@ def add_efficiency_parser(scenarios: Any) -> None:
     parser.add_argument("--lock", type=Path, metavar="FILE",
                         help="hold an exclusive flock on FILE while each setup runs, so "
                              "that other benchmarks taking it never overlap one")
+
+
+def add_instructions_parser(scenarios: Any) -> None:
+    """The ``instructions`` sub-command (instructions.py): its options."""
+    parser = scenarios.add_parser(
+        "instructions", help="the relay's instructions per delivery, counted by callgrind",
+        description="For every run, a fresh relay under valgrind --tool=callgrind on "
+                    "loopback, a low fixed load, the instructions counted over a window "
+                    "of --seconds after --warmup-messages; instructions per delivery. "
+                    "Needs valgrind. Every process started is stopped.")
+    parser.add_argument("--load", choices=("bigroom", "fanout"), default="bigroom",
+                        help="one room of many, or many small rooms [default: %(default)s]")
+    parser.add_argument("--clients", type=positive_int,
+                        help="[default: 200 for bigroom, 500 for fanout]")
+    parser.add_argument("--rooms", type=positive_int, help="fanout [default: 100]")
+    parser.add_argument("--senders", type=positive_int, help="bigroom [default: 10]")
+    parser.add_argument("--rate", type=positive_float,
+                        help="messages/s in all [default: 10 for bigroom, 100 for fanout]")
+    parser.add_argument("--warmup-messages", type=positive_int, default=40,
+                        help="messages relayed before counting starts [default: %(default)s]")
+    parser.add_argument("--seconds", type=positive_float, default=20.0,
+                        help="seconds counted [default: %(default)s]")
+    parser.add_argument("--runs", type=positive_int, default=1,
+                        help="fresh relays [default: %(default)s; the counts repeat]")
+    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
+                        help="an extra option for the relay's twistd plugin (repeatable)")
+    parser.add_argument("--valgrind", default="valgrind",
+                        help="valgrind binary [default: %(default)s]")
+    parser.add_argument("--callgrind-control", default="callgrind_control",
+                        help="callgrind_control binary [default: %(default)s]")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write every run's figures to FILE as JSON")
 
 
 class Printer:
@@ -372,6 +406,9 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None,
     if args.scenario == "efficiency":
         from iw_relay.bench import efficiency
         return efficiency.run(args, out, err)
+    if args.scenario == "instructions":
+        from iw_relay.bench import instructions
+        return instructions.run(args, out, err)
     printer = Printer(args.json, out, err)
     urls = args.urls or [DEFAULT_URL]
     targets = [runner.parse_target(url) for url in urls]
