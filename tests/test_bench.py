@@ -678,3 +678,49 @@ def test_instructions_counts_a_window_on_a_fresh_relay_and_stops_it(tmp_path):
         # whole process's start-up would be hundreds of millions.
         assert 500 < found["instructions_per_delivery"] < 200_000, found
     assert "instructions per delivery, 1 room x 20, 2 senders" in out.getvalue()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_instructions_stops_its_relay_when_terminated():
+    """SIGTERM to the command while it measures: the relay under valgrind (in a session
+    of its own, so the signal does not reach it) is stopped on the way out."""
+    import signal
+    import time
+
+    from tests.cluster_harness import binary
+
+    valgrind = binary("valgrind", "IWRELAY_REQUIRE_VALGRIND")
+    command = subprocess.Popen(
+        [sys.executable, "-m", "iw_relay.bench", "instructions", "--clients", "4",
+         "--senders", "1", "--seconds", "600", "--valgrind", valgrind],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        deadline = time.monotonic() + 60
+        relays: list[int] = []
+        while not relays:  # polling for a child that is starting: nothing to wait on
+            assert time.monotonic() < deadline and command.poll() is None
+            relays = _children(command.pid)
+            time.sleep(0.1)
+        command.send_signal(signal.SIGTERM)
+        command.wait(timeout=60)
+        for pid in relays:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()

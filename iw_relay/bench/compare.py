@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -447,9 +448,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
     runner.pin([args.generator_cpu])  # the workers spawned from now on inherit it
     load_before = machine_state()
     measurements: list[Measurement] = []
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with tempfile.TemporaryDirectory(prefix="iwrelay-compare-") as workdir:
+        with sigterm_as_interrupt(), \
+                tempfile.TemporaryDirectory(prefix="iwrelay-compare-") as workdir:
             plan = Plan(args, Path(workdir), time.monotonic(), note)
             for figure in figures:
                 for number in range(1, args.runs + 1):
@@ -467,7 +468,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
                              + "".join(f" [{n}]" for n in found.notes)
                              + f"  ({machine_state()})")
     finally:
-        signal.signal(signal.SIGTERM, previous)
         os.sched_setaffinity(0, affinity)
     load_after = machine_state()
     text, rows = table(measurements, figures, args)
@@ -487,6 +487,18 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
         args.json.write_text(json.dumps(summary, indent=1))
     result = runner.Result(summary=summary)
     return result
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so that the servers started are
+    stopped on the way out (each runs in a session of its own: a signal to this process
+    does not reach them)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -44,6 +43,7 @@ from iw_relay.bench.compare import (
     measured_step,
     relay_command,
     relay_root,
+    sigterm_as_interrupt,
 )
 from iw_relay.bench.stats import StepReport, median
 
@@ -295,27 +295,24 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
     setups = check(args)
     measurements: list[Measurement] = []
     load_before = machine_state()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="iwrelay-efficiency-") as workdir:
-            plan = Plan(args, Path(workdir))
-            for number in range(1, args.runs + 1):
-                # Rotate who goes first, so that no setup always meets a warmer machine.
-                shift = (number - 1) % len(setups)
-                for name in setups[shift:] + setups[:shift]:
-                    if plan.left() < 30:
-                        raise runner.BenchError(f"--deadline {args.deadline:g}s reached")
-                    with _locked(args.lock):
-                        found = plan.measure(BY_NAME[name], number)
-                        state = machine_state()
-                    measurements.append(found)
-                    print(f"run {number} {name}: "
-                          + ", ".join(f"{k} {v:.4g}" for k, v in found.values.items()
-                                      if v is not None)
-                          + "".join(f" [{n}]" for n in found.notes) + f"  ({state})",
-                          file=err, flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt(), \
+            tempfile.TemporaryDirectory(prefix="iwrelay-efficiency-") as workdir:
+        plan = Plan(args, Path(workdir))
+        for number in range(1, args.runs + 1):
+            # Rotate who goes first, so that no setup always meets a warmer machine.
+            shift = (number - 1) % len(setups)
+            for name in setups[shift:] + setups[:shift]:
+                if plan.left() < 30:
+                    raise runner.BenchError(f"--deadline {args.deadline:g}s reached")
+                with _locked(args.lock):
+                    found = plan.measure(BY_NAME[name], number)
+                    state = machine_state()
+                measurements.append(found)
+                print(f"run {number} {name}: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in found.values.items()
+                                  if v is not None)
+                      + "".join(f" [{n}]" for n in found.notes) + f"  ({state})",
+                      file=err, flush=True)
     text, figures = table(measurements, setups)
     print(f"cluster efficiency: {args.runs} run(s) of fresh servers per setup, "
           f"{args.clients} clients in {args.rooms} rooms, {args.deliveries:,.0f} "
@@ -331,6 +328,3 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
         args.json.write_text(json.dumps(summary, indent=1))
     return runner.Result(summary=summary)
 
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

@@ -30,7 +30,13 @@ from typing import Any, TextIO
 from urllib.request import urlopen
 
 from iw_relay.bench import runner
-from iw_relay.bench.compare import Server, free_port, relay_command, relay_root
+from iw_relay.bench.compare import (
+    Server,
+    free_port,
+    relay_command,
+    relay_root,
+    sigterm_as_interrupt,
+)
 from iw_relay.bench.stats import StepReport, median
 
 #: Each scenario's shape (clients, rooms, senders per room) and messages/s by default.
@@ -144,7 +150,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
     if args.clients // args.rooms < 2:
         raise runner.BenchError("rooms need two members at least")
     found = []
-    with tempfile.TemporaryDirectory(prefix="iwrelay-instructions-") as workdir:
+    with sigterm_as_interrupt(), \
+            tempfile.TemporaryDirectory(prefix="iwrelay-instructions-") as workdir:
         for number in range(1, args.runs + 1):
             result = measure(args, number, Path(workdir))
             found.append(result)
