@@ -224,8 +224,9 @@ class RefusalLog:
     the refusals since that reason's previous line: a refusal costs the client nothing
     (a bad room id, a bad token, a full room, a connection limit), so it must not cost a
     log line each. The refusals after a reason's last line are written with its next
-    one; the metrics count every one at once. `reason` is one of a few fixed texts, never
-    anything the client sent (the reasons kept are bounded by that)."""
+    one (``iwrelay_handshakes_refused`` counts the limits' at once). `reason` is one of
+    a few fixed texts, never anything the client sent (the reasons kept are bounded by
+    that)."""
 
     _log = Logger()
 

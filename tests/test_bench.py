@@ -680,25 +680,11 @@ def test_instructions_counts_a_window_on_a_fresh_relay_and_stops_it(tmp_path):
     assert "instructions per delivery, 1 room x 20, 2 senders" in out.getvalue()
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def test_instructions_stops_its_relay_when_terminated():
     """SIGTERM to the command while it measures: the relay under valgrind (in a session
     of its own, so the signal does not reach it) is stopped on the way out."""
+    import select
     import signal
-    import time
 
     from tests.cluster_harness import binary
 
@@ -709,17 +695,17 @@ def test_instructions_stops_its_relay_when_terminated():
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     try:
-        deadline = time.monotonic() + 60
-        relays: list[int] = []
-        while not relays:  # polling for a child that is starting: nothing to wait on
-            assert time.monotonic() < deadline and command.poll() is None
-            relays = _children(command.pid)
-            time.sleep(0.1)
+        # The command names its relay once it has started it.
+        assert select.select([command.stderr], [], [], 60)[0], "no line from the command"
+        line = command.stderr.readline().decode()
+        found = re.search(r"relay pid (\d+) starting", line)
+        assert found, line
+        relay = int(found.group(1))
+        os.kill(relay, 0)  # running
         command.send_signal(signal.SIGTERM)
         command.wait(timeout=60)
-        for pid in relays:
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
+        with pytest.raises(ProcessLookupError):
+            os.kill(relay, 0)
     finally:
         if command.poll() is None:
             command.kill()

@@ -64,6 +64,8 @@ async def test_no_room_id_and_no_body_in_any_log_line_or_response(serve):
             globalLogPublisher.removeObserver(observer)
     logged = text.getvalue() + jsonl.getvalue()
     assert "joined room" in text.getvalue()          # the scenario was logged...
+    for refusal in ("room is full", "Invalid room ID format"):  # (first in its second)
+        assert f"refused 1 connection(s): {refusal}" in text.getvalue(), refusal
     assert all(json.loads(line) for line in jsonl.getvalue().splitlines())
     everything = logged + "\n".join(responses)
     assert ROOM not in everything                    # ...and never said what it must not

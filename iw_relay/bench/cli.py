@@ -243,9 +243,7 @@ def add_runs_options(parser: argparse.ArgumentParser, per: str, option: str,
 def add_fixed_load_options(parser: argparse.ArgumentParser, deliveries: float,
                            warmup: float, deadline: float) -> None:
     """What compare and efficiency share: fresh relays measured at a fixed load."""
-    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
-                        help="an extra option for iw-relay's twistd plugin (repeatable), "
-                             "e.g. --relay-arg=--log-level=warn")
+    add_relay_options(parser)
     parser.add_argument("--deliveries", type=float, default=deliveries,
                         help="fixed deliveries/s [default: %(default)s]")
     parser.add_argument("--duration", type=float, default=10.0,
@@ -256,6 +254,13 @@ def add_fixed_load_options(parser: argparse.ArgumentParser, deliveries: float,
     parser.add_argument("--deadline", type=float, default=deadline,
                         help="the whole command stops after this many seconds "
                              "[default: %(default)s]")
+
+
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
+    """What every command that starts its own relays shares."""
+    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
+                        help="an extra option for iw-relay's twistd plugin (repeatable), "
+                             "e.g. --relay-arg=--log-level=warn")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write every run's figures to FILE as JSON")
 
@@ -304,14 +309,11 @@ def add_instructions_parser(scenarios: Any) -> None:
                         help="seconds counted [default: %(default)s]")
     parser.add_argument("--runs", type=positive_int, default=1,
                         help="fresh relays [default: %(default)s; the counts repeat]")
-    parser.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
-                        help="an extra option for the relay's twistd plugin (repeatable)")
+    add_relay_options(parser)
     parser.add_argument("--valgrind", default="valgrind",
                         help="valgrind binary [default: %(default)s]")
     parser.add_argument("--callgrind-control", default="callgrind_control",
                         help="callgrind_control binary [default: %(default)s]")
-    parser.add_argument("--json", type=Path, metavar="FILE",
-                        help="also write every run's figures to FILE as JSON")
 
 
 class Printer:

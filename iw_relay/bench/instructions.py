@@ -93,7 +93,8 @@ class Window:
             self.error = f"{type(problem).__name__}: {problem}"
 
 
-def measure(args: argparse.Namespace, number: int, workdir: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, number: int, workdir: Path,
+            err: TextIO) -> dict[str, Any]:
     """One run on a fresh relay: its pid, messages, deliveries and instructions."""
     clients, rooms, senders = args.clients, args.rooms, args.senders
     size = clients // rooms
@@ -105,6 +106,8 @@ def measure(args: argparse.Namespace, number: int, workdir: Path) -> dict[str, A
             f"--callgrind-out-file={workdir}/callgrind.out.%p",
             *relay_command(port, args.relay_arg)]
     server = Server(f"relay-{number}", argv, env, port, None, workdir)
+    print(f"run {number}: relay pid {server.pid} starting under callgrind", file=err,
+          flush=True)
     try:
         server.wait_ready(START_TIMEOUT_S)
         warmup_s = args.warmup_messages / args.rate
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> runner.Result:
     with sigterm_as_interrupt(), \
             tempfile.TemporaryDirectory(prefix="iwrelay-instructions-") as workdir:
         for number in range(1, args.runs + 1):
-            result = measure(args, number, Path(workdir))
+            result = measure(args, number, Path(workdir), err)
             found.append(result)
             print(f"run {number}: {result['instructions_per_delivery']:,.0f} instructions "
                   f"per delivery ({result['deliveries']:,} deliveries, "
